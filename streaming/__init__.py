@@ -1,0 +1,41 @@
+"""Stream LLM answers out of a Flask app, token by token, under gunicorn."""
+
+from __future__ import annotations
+
+import logging
+
+from flask import Flask, jsonify
+
+from . import chat, conversations, errors
+from .config import Settings
+from .providers import load_provider
+from .store import open_store
+from .turns import Service, service
+
+
+def create_app(settings: Settings | None = None) -> Flask:
+    settings = settings or Settings.from_env()
+    app = Flask(__name__, instance_relative_config=True)
+    app.config["MAX_CONTENT_LENGTH"] = settings.max_body_bytes
+    if not logging.getLogger().handlers:
+        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    app.extensions["streaming"] = Service(
+        settings=settings, provider=load_provider(settings), store=open_store(settings, app.instance_path)
+    )
+    errors.init_app(app)
+    app.register_blueprint(chat.bp)
+    app.register_blueprint(conversations.bp)
+
+    @app.get("/healthz")
+    def healthz():
+        svc = service()
+        return jsonify(
+            status="ok",
+            provider=svc.provider.name,
+            model=svc.provider.default_model,
+            store=type(svc.store).__name__,
+            worker_class=settings.worker_class,
+            streams_in_flight=len(svc.live),
+        )
+
+    return app

@@ -1,0 +1,72 @@
+"""The chat endpoints: the same request answered as plain text, as Server-Sent Events, or whole."""
+
+from __future__ import annotations
+
+import json
+
+from flask import Blueprint, Response, jsonify, request
+
+from .errors import ApiError
+from .params import parse_chat_request
+from .turns import STREAM_HEADERS, begin_answer, service, streamed
+from .wire import SSEFraming, TextFraming
+
+bp = Blueprint("chat", __name__)
+
+
+def chat_request():
+    return parse_chat_request(request, service().settings.max_prompt_chars)
+
+
+@bp.route("/chat", methods=["GET", "POST"])
+def chat_text():
+    return streamed(begin_answer(chat_request()), TextFraming())
+
+
+@bp.route("/chat/sse", methods=["GET", "POST"])
+def chat_sse():
+    retry_ms = service().settings.sse_retry_ms
+    last_event_id = request.headers.get("Last-Event-ID")
+    if last_event_id is not None:
+        return resume(last_event_id, retry_ms)
+    answer = begin_answer(chat_request())
+    return streamed(answer, SSEFraming(answer.message_id, retry_ms))
+
+
+def resume(last_event_id: str, retry_ms: int) -> Response:
+    """A reconnect never starts a second answer: it tails the live answer from where the client
+    left, replays the rest of an ended one, or gets 204 (which tells EventSource to stop)."""
+    message_id, _, seq = last_event_id.partition(":")
+    if not seq.isdigit():
+        return Response(status=204)
+    svc, offset = service(), int(seq) + 1
+    answer = svc.live.get(message_id)
+    if answer is not None:
+        return streamed(answer, SSEFraming(message_id, retry_ms), offset)
+    stored = svc.store.message(message_id)
+    if stored is None or not stored["events"]:
+        return Response(status=204)
+    events = json.loads(stored["events"])[offset:]
+    if not events:
+        return Response(status=204)
+    body = SSEFraming(message_id, retry_ms).encode(events, offset)
+    headers = {**STREAM_HEADERS, "X-Conversation-Id": stored["conversation_id"], "X-Message-Id": message_id}
+    return Response(body, content_type=SSEFraming.media_type, headers=headers)
+
+
+@bp.post("/chat/blocking")
+def chat_blocking():
+    answer = begin_answer(chat_request())
+    end = answer.collect()[-1]
+    if end["type"] == "error":
+        status = 503 if end["error"]["code"].startswith("upstream") else 500
+        raise ApiError(status, end["error"]["code"], end["error"]["message"])
+    return jsonify(
+        conversation_id=answer.conversation_id,
+        message_id=answer.message_id,
+        text=answer.text,
+        finish_reason=end["finish_reason"],
+        usage=end["usage"],
+        ttft_ms=end["ttft_ms"],
+        duration_ms=end["duration_ms"],
+    )

@@ -1,0 +1,50 @@
+"""Settings, read once from the environment (12-factor): one place for every name and default.
+
+This module imports nothing but the standard library, so that `gunicorn.conf.py` can use it in
+the master process without importing anything that gevent must patch first.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, fields
+
+
+@dataclass(frozen=True)
+class Settings:
+    llm_provider: str = "demo"
+    llm_model: str = ""
+    openai_api_key: str = ""
+    openai_base_url: str = ""
+    database_url: str = ""
+    first_token_timeout_s: float = 60.0
+    idle_timeout_s: float = 60.0
+    max_stream_s: float = 600.0
+    heartbeat_s: float = 15.0
+    resume_grace_s: float = 0.0
+    sse_retry_ms: int = 3000
+    max_prompt_chars: int = 32_000
+    max_body_bytes: int = 1_000_000
+    history_chars: int = 100_000
+    demo_ttft_ms: float = 200.0
+    demo_tokens_per_s: float = 30.0
+    demo_tokens: int = 60
+    demo_fail_after: int | None = None
+    demo_hang_after: int | None = None
+    worker_class: str = "gevent"
+
+    @classmethod
+    def from_env(cls, environ: os._Environ | dict | None = None) -> Settings:
+        """Each field from the upper-cased variable of the same name, when it is set and not empty."""
+        environ = os.environ if environ is None else environ
+        values = {}
+        for field in fields(cls):
+            raw = environ.get(field.name.upper(), "").strip()
+            if not raw:
+                continue
+            kind = field.type.split(" |")[0]
+            try:
+                values[field.name] = {"int": int, "float": float}.get(kind, str)(raw)
+            except ValueError:
+                raise ValueError(f"{field.name.upper()} must be a {kind}, not {raw!r}") from None
+        return cls(**values)

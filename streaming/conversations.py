@@ -1,0 +1,35 @@
+"""Reading and deleting stored conversations."""
+
+from __future__ import annotations
+
+from flask import Blueprint, jsonify, request
+
+from .errors import ApiError
+from .params import number_field
+from .turns import service
+
+bp = Blueprint("conversations", __name__, url_prefix="/conversations")
+
+
+@bp.get("")
+def list_conversations():
+    limit = number_field(request.args, "limit", int, 1, 200) or 20
+    before = number_field(request.args, "before", float, 0, float("inf"))
+    items = service().store.conversations(limit, before)
+    next_before = items[-1]["updated_at"] if len(items) == limit else None
+    return jsonify(conversations=items, next_before=next_before)
+
+
+@bp.get("/<conversation_id>")
+def get_conversation(conversation_id: str):
+    conversation = service().store.conversation(conversation_id)
+    if conversation is None:
+        raise ApiError(404, "not_found", "no such conversation")
+    return jsonify(conversation)
+
+
+@bp.delete("/<conversation_id>")
+def delete_conversation(conversation_id: str):
+    if not service().store.delete(conversation_id):
+        raise ApiError(404, "not_found", "no such conversation")
+    return "", 204

@@ -1,0 +1,259 @@
+"""The stream engine: one answer is an append-only log of events.
+
+A producer thread (a greenlet under gevent, which patches `threading`) reads the provider's reply
+and appends events; every response generator tails the log from its own offset with a timed wait.
+The reader owns time: it sends heartbeats, enforces the first-token, idle and total deadlines, and
+takes everything appended since its last write as one chunk, so writes coalesce by themselves when
+tokens outrun the socket. When the last reader leaves and `RESUME_GRACE_S` has passed, the answer
+is stopped: the reply is closed, which releases the upstream, and the producer ends.
+"""
+
+from __future__ import annotations
+
+import logging
+import select
+import socket
+import threading
+import time
+from collections.abc import Callable, Iterator
+
+from .config import Settings
+from .providers.base import Finish, ProviderError, Reasoning, Reply, Usage
+from .wire import Framing
+
+log = logging.getLogger(__name__)
+
+INTERRUPTED = "interrupted"
+
+
+class Answer:
+    """One answer in progress: its event log, its timings and its outcome.
+
+    Events are plain dicts with a `type`; their index in `events` is their sequence number.
+    Only the producer appends until the end; the terminal event (`done` or `error`) is appended
+    once, by the producer or by `stop()`, whichever comes first.
+    """
+
+    def __init__(
+        self,
+        reply: Reply,
+        *,
+        message_id: str,
+        conversation_id: str,
+        model: str,
+        settings: Settings,
+        on_end: Callable[[Answer, list[dict]], None] | None = None,
+    ) -> None:
+        self.reply = reply
+        self.message_id = message_id
+        self.conversation_id = conversation_id
+        self.settings = settings
+        self.on_end = on_end
+        self.started = time.monotonic()
+        self.first_token_at: float | None = None
+        self.last_upstream_at = self.started
+        self.usage: dict | None = None
+        self.finish_reason: str | None = None
+        self.error: dict | None = None  # {"code", "message"} once it failed or was stopped
+        self.ended = False
+        self._produced = False
+        self._readers = 0
+        self._cond = threading.Condition()
+        self.events: list[dict] = [
+            {"type": "start", "conversation_id": conversation_id, "message_id": message_id, "model": model},
+            {"type": "status", "stage": "thinking"},
+        ]
+
+    # -- the producer ---------------------------------------------------------------------
+
+    def start(self) -> Answer:
+        threading.Thread(target=self._produce, name=f"answer-{self.message_id}", daemon=True).start()
+        return self
+
+    def _produce(self) -> None:
+        error = None
+        try:
+            for chunk in self.reply:
+                if self.ended:
+                    break
+                if type(chunk) is str:
+                    self._append({"type": "delta", "text": chunk})
+                elif isinstance(chunk, Reasoning):
+                    self._append({"type": "reasoning", "text": chunk.text})
+                elif isinstance(chunk, Usage):
+                    self.usage = {"prompt_tokens": chunk.prompt_tokens, "completion_tokens": chunk.completion_tokens}
+                elif isinstance(chunk, Finish):
+                    self.finish_reason = chunk.reason
+        except ProviderError as exc:
+            error = {"code": exc.code, "message": exc.message}
+        except Exception:
+            if not self.ended:  # a reply closed under the producer's feet fails as it likes
+                log.exception("provider failed mid-stream")
+                error = {"code": "upstream_error", "message": "the model failed unexpectedly"}
+        finally:
+            self.reply.close()
+        with self._cond:  # from here on only this thread touches the log
+            self._produced = True
+            if not self.ended:
+                self.error = error
+                terminal = self._done_event() if error is None else {"type": "error", "error": error}
+        if self.on_end is not None:
+            try:  # saved before the terminal event goes out, so that the next turn sees it
+                self.on_end(self, self.events if self.ended else [*self.events, terminal])
+            except Exception:
+                log.exception("saving the turn failed")
+        if not self.ended:
+            self._end(terminal)
+
+    def _append(self, event: dict) -> None:
+        now = time.monotonic()
+        with self._cond:
+            if self.first_token_at is None:
+                self.first_token_at = now
+            self.last_upstream_at = now
+            self.events.append(event)
+            self._cond.notify_all()
+
+    def _end(self, event: dict) -> None:
+        with self._cond:
+            if self.ended:
+                return
+            self.ended = True
+            self.ended_at = time.monotonic()
+            self.events.append(event)
+            self._cond.notify_all()
+
+    def _done_event(self) -> dict:
+        completion = sum(1 for e in self.events if e["type"] == "delta")
+        usage = self.usage or {"prompt_tokens": 0, "completion_tokens": completion}
+        return {
+            "type": "done",
+            "finish_reason": self.finish_reason or "stop",
+            "usage": usage,
+            "ttft_ms": self.ttft_ms,
+            "duration_ms": round((time.monotonic() - self.started) * 1000),
+        }
+
+    @property
+    def ttft_ms(self) -> int | None:
+        return None if self.first_token_at is None else round((self.first_token_at - self.started) * 1000)
+
+    @property
+    def text(self) -> str:
+        return "".join(e["text"] for e in self.events if e["type"] == "delta")
+
+    # -- stopping -------------------------------------------------------------------------
+
+    def stop(self, code: str, message: str) -> None:
+        """End the answer now with an error event and release the upstream (any thread)."""
+        with self._cond:
+            if self.ended or self._produced:
+                return
+            self.error = {"code": code, "message": message}
+            self._end({"type": "error", "error": self.error})  # the condition's lock is re-entrant
+        self.reply.close()
+
+    def attach(self) -> None:
+        with self._cond:
+            self._readers += 1
+
+    def detach(self) -> None:
+        with self._cond:
+            self._readers -= 1
+            abandoned = self._readers == 0 and not self.ended
+        if not abandoned:
+            return
+        if self.settings.resume_grace_s > 0:
+            timer = threading.Timer(self.settings.resume_grace_s, self._stop_if_abandoned)
+            timer.daemon = True
+            timer.start()
+        else:
+            self._stop_if_abandoned()
+
+    def _stop_if_abandoned(self) -> None:
+        if self._readers == 0:
+            self.stop(INTERRUPTED, "the client went away before the answer was complete")
+
+    # -- readers --------------------------------------------------------------------------
+
+    def wait(self, offset: int, timeout: float) -> list[dict]:
+        """The events from `offset` on, waiting up to `timeout` seconds for one to arrive."""
+        with self._cond:
+            if len(self.events) <= offset and not self.ended:
+                self._cond.wait(timeout)
+            return self.events[offset:]
+
+    def deadline(self) -> tuple[float, str]:
+        """When the upstream must next show life, and what that limit is called."""
+        s = self.settings
+        limits = [(self.started + s.max_stream_s, f"the answer took longer than {s.max_stream_s:g} s")]
+        if self.first_token_at is None:
+            limits.append((self.started + s.first_token_timeout_s, f"no token within {s.first_token_timeout_s:g} s"))
+        else:
+            limits.append((self.last_upstream_at + s.idle_timeout_s, f"no token for {s.idle_timeout_s:g} s"))
+        return min(limits)
+
+    def collect(self) -> list[dict]:
+        """Every event, once the answer has ended (for the blocking endpoint)."""
+        return [event for batch in tail_events(self) for event in batch]
+
+
+def tail_events(answer: Answer, offset: int = 0, heartbeat_s: float | None = None) -> Iterator[list[dict]]:
+    """Batches of new events from `offset` until the terminal one; an empty batch is a heartbeat.
+
+    Enforces the answer's deadlines while waiting. Leaving (GeneratorExit, when the client went
+    away) detaches from the answer, which stops it once no reader is left."""
+    heartbeat_s = heartbeat_s or answer.settings.heartbeat_s
+    answer.attach()
+    try:
+        last_write = time.monotonic()
+        while True:
+            deadline, why = answer.deadline()
+            timeout = min(deadline, last_write + heartbeat_s) - time.monotonic()
+            events = answer.wait(offset, max(timeout, 0))
+            if events:
+                offset += len(events)
+                yield events
+                if answer.ended and offset == len(answer.events):
+                    return
+                last_write = time.monotonic()
+                continue
+            now = time.monotonic()
+            if now >= deadline:
+                answer.stop("upstream_timeout", why)
+            elif now >= last_write + heartbeat_s:
+                yield []
+                last_write = now
+    finally:
+        answer.detach()
+
+
+def frames(
+    answer: Answer, framing: Framing, offset: int = 0, client_gone: Callable[[], bool] | None = None
+) -> Iterator[bytes]:
+    """The answer's bytes in `framing`, from event `offset` on, heartbeats included.
+
+    At each heartbeat `client_gone` is asked too: a write to a closed socket usually succeeds
+    once, and a framing without heartbeats (plain text) writes nothing while the model is silent.
+    The first chunk may be empty: it makes the server send the headers at once."""
+    first = True
+    for events in tail_events(answer, offset):
+        if events:
+            data = framing.encode(events, offset)
+            offset += len(events)
+            if data or first:
+                first = False
+                yield data
+        elif client_gone is not None and client_gone():
+            return
+        elif framing.heartbeat:
+            yield framing.heartbeat
+
+
+def peer_closed(sock: socket.socket) -> bool:
+    """Whether the client closed its end of `sock`, seen without reading or writing."""
+    try:
+        readable, _, _ = select.select([sock], [], [], 0)
+        return bool(readable) and sock.recv(1, socket.MSG_PEEK) == b""
+    except (OSError, ValueError):
+        return True

@@ -1,0 +1,91 @@
+"""Reading and checking a chat request, from the query string (GET) or a JSON body (POST).
+
+Everything is checked here, before a stream starts, so that bad input gets a 400 and never a
+broken stream.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+from flask import Request
+
+from .errors import ApiError
+
+
+@dataclass(frozen=True)
+class ChatRequest:
+    prompt: str
+    conversation_id: str | None = None
+    model: str | None = None
+    system: str | None = None
+    max_tokens: int | None = None
+    temperature: float | None = None
+
+    def provider_params(self) -> dict:
+        """What is passed through to the provider, where set."""
+        return {k: v for k, v in asdict(self).items() if k in ("max_tokens", "temperature") and v is not None}
+
+
+def invalid(message: str) -> ApiError:
+    return ApiError(400, "invalid_request", message)
+
+
+def request_fields(request: Request) -> dict:
+    """The request's fields: query parameters for GET, the JSON object for POST."""
+    if request.method == "GET":
+        return request.args.to_dict()
+    body = request.get_json(silent=True)
+    if not isinstance(body, dict):
+        raise invalid("the body must be a JSON object (Content-Type: application/json)")
+    return body
+
+
+def text_field(fields: dict, name: str, max_chars: int | None = None) -> str | None:
+    value = fields.get(name)
+    if value is None:
+        return None
+    if not isinstance(value, str):
+        raise invalid(f"'{name}' must be a string")
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise invalid(f"'{name}' is not valid Unicode text (it holds a lone surrogate)") from None
+    if max_chars is not None and len(value) > max_chars:
+        raise invalid(f"'{name}' is longer than {max_chars} characters")
+    return value
+
+
+def number_field(fields: dict, name: str, kind: type, low: float, high: float) -> int | float | None:
+    value = fields.get(name)
+    if value is None:
+        return None
+    if isinstance(value, str):  # from a query string
+        try:
+            value = kind(value)
+        except ValueError:
+            raise invalid(f"'{name}' must be a number") from None
+    if isinstance(value, bool) or not isinstance(value, (int, float) if kind is float else int):
+        raise invalid(f"'{name}' must be {'a number' if kind is float else 'an integer'}")
+    if not low <= value <= high:
+        raise invalid(f"'{name}' must be between {low:g} and {high:g}")
+    return kind(value)
+
+
+def parse_chat_request(request: Request, max_prompt_chars: int, extra: tuple[str, ...] = ()) -> ChatRequest:
+    """The checked request; `extra` names fields that the caller reads itself."""
+    fields = request_fields(request)
+    unknown = sorted(set(fields) - set(ChatRequest.__dataclass_fields__) - set(extra))
+    if unknown:
+        raise invalid(f"unknown field(s): {', '.join(unknown)}")
+    prompt = text_field(fields, "prompt", max_prompt_chars)
+    if not prompt:
+        raise invalid("'prompt' is required and must not be empty")
+    return ChatRequest(
+        prompt=prompt,
+        conversation_id=text_field(fields, "conversation_id", 64),
+        model=text_field(fields, "model", 200),
+        system=text_field(fields, "system", max_prompt_chars),
+        max_tokens=number_field(fields, "max_tokens", int, 1, 1_000_000),
+        temperature=number_field(fields, "temperature", float, 0, 2),
+    )

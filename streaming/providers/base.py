@@ -1,0 +1,58 @@
+"""The values a provider yields, its error, and the interface the engine relies on."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Protocol
+
+
+@dataclass(frozen=True, slots=True)
+class Reasoning:
+    """Reasoning text the upstream streams apart from the answer."""
+
+    text: str
+
+
+@dataclass(frozen=True, slots=True)
+class Usage:
+    prompt_tokens: int
+    completion_tokens: int
+
+
+@dataclass(frozen=True, slots=True)
+class Finish:
+    reason: str
+
+
+# A plain `str` is answer text: the common case stays the cheapest.
+Chunk = str | Reasoning | Usage | Finish
+
+
+class ProviderError(Exception):
+    """A failure with a stable code and a message safe to show a client (no keys, no raw bodies).
+
+    `status` is the HTTP status to answer with when the stream has not started yet."""
+
+    def __init__(self, code: str, message: str, status: int = 503) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+        self.status = status
+
+
+class Reply(Protocol):
+    def __iter__(self) -> Iterator[Chunk]: ...
+
+    def close(self) -> None:
+        """Stop soon and release the upstream; safe to call from another thread, and twice."""
+
+
+class Provider(Protocol):
+    name: str
+    default_model: str
+
+    def models(self) -> list[str]: ...
+
+    def stream(self, messages: list[dict], params: dict) -> Reply:
+        """Start an answer. Raises ProviderError when the upstream refuses before any token."""

@@ -1,0 +1,88 @@
+"""The embedded default model: offline, deterministic, with a configurable pace and faults.
+
+Its answer says which turn of the conversation it is and quotes the prompt verbatim, so any text
+can be pushed through every framing and compared on the way out.
+"""
+
+from __future__ import annotations
+
+import re
+import threading
+import time
+import zlib
+from collections.abc import Iterator
+
+from ..config import Settings
+from .base import Chunk, Finish, ProviderError, Usage
+
+_CJK = "\u3040-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uac00-\ud7af\uf900-\ufaff\uff00-\uffef"
+# A token is a run of white space, or white space and then one CJK character or one word.
+# The pieces always join back to the text: nothing is dropped or split inside a character.
+_TOKEN = re.compile(rf"\s*(?:[{_CJK}]|[^\s{_CJK}]+)|\s+")
+_CJK_CHAR = re.compile(f"[{_CJK}]")
+_WORDS = (
+    "streaming tokens flow from the model through the engine to the socket as soon as they "
+    "exist and every reader tails the same log so nothing waits for the whole answer"
+).split()
+_HANZI = "流式输出让用户立刻看到回答的每一个字而不必等待全部生成完成"
+
+
+def tokenize(text: str) -> list[str]:
+    return _TOKEN.findall(text)
+
+
+class DemoProvider:
+    name = "demo"
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.default_model = settings.llm_model or "demo"
+
+    def models(self) -> list[str]:
+        return [self.default_model]
+
+    def stream(self, messages: list[dict], params: dict) -> DemoReply:
+        return DemoReply(self.settings, messages, params.get("max_tokens"))
+
+
+class DemoReply:
+    def __init__(self, settings: Settings, messages: list[dict], max_tokens: int | None) -> None:
+        self.settings = settings
+        self.prompt_tokens = sum(len(tokenize(m["content"])) for m in messages)
+        turn = sum(1 for m in messages if m["role"] == "user")
+        self.tokens = answer_tokens(messages[-1]["content"], turn, settings.demo_tokens)
+        self.finish = "stop"
+        if max_tokens is not None and max_tokens < len(self.tokens):
+            self.tokens, self.finish = self.tokens[:max_tokens], "length"
+        self._closed = threading.Event()
+
+    def __iter__(self) -> Iterator[Chunk]:
+        s = self.settings
+        start = time.monotonic() + s.demo_ttft_ms / 1000
+        gap = 1 / s.demo_tokens_per_s if s.demo_tokens_per_s > 0 else 0.0
+        for i, token in enumerate(self.tokens):
+            if i == s.demo_fail_after:
+                raise ProviderError("upstream_error", f"the demo model failed after {i} tokens")
+            if i == s.demo_hang_after:
+                self._closed.wait()
+            delay = start + i * gap - time.monotonic()
+            if (delay > 0 and self._closed.wait(delay)) or self._closed.is_set():
+                return
+            yield token
+        yield Usage(self.prompt_tokens, len(self.tokens))
+        yield Finish(self.finish)
+
+    def close(self) -> None:
+        self._closed.set()
+
+
+def answer_tokens(prompt: str, turn: int, length: int) -> list[str]:
+    """The demo's answer as tokens: the quote in full, then filler up to `length` tokens."""
+    if _CJK_CHAR.search(prompt):
+        head, filler = f"这是第 {turn} 轮对话。你说：「{prompt}」。", list(_HANZI)
+    else:
+        head, filler = f'This is turn {turn}. You said: "{prompt}".', [" " + w for w in _WORDS]
+    tokens = tokenize(head)
+    start = zlib.crc32(prompt.encode("utf-8", "surrogatepass")) % len(filler)  # the seed
+    tokens += [filler[(start + i) % len(filler)] for i in range(length - len(tokens))]
+    return tokens

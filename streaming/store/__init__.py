@@ -1,0 +1,47 @@
+"""Conversation storage behind one small interface; SQLite is the embedded default.
+
+A turn is a user message and the assistant message that answers it. Both rows are written when
+the turn begins (the assistant's with status `streaming`, which is what makes a second turn on the
+same conversation a 409), and the assistant's row is completed in one short transaction when the
+answer ends: `complete`, `error` or `interrupted`, with whatever text it had.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+from ..config import Settings
+
+
+class ConversationNotFound(Exception):
+    pass
+
+
+class ConversationBusy(Exception):
+    pass
+
+
+class Store(Protocol):
+    def begin_turn(
+        self, conversation_id: str | None, message_id: str, prompt: str, system: str | None, model: str
+    ) -> tuple[str, list[dict]]:
+        """Record the user's message and a `streaming` placeholder for the answer; return the
+        conversation id (a new one when None) and the history to send: system first, then the
+        earlier turns as `{"role", "content"}` dicts, then this prompt."""
+
+    def end_turn(self, message_id: str, status: str, events: list[dict], error_code: str | None) -> None:
+        """Complete the assistant's row from the answer's event log."""
+
+    def message(self, message_id: str) -> dict | None: ...
+
+    def conversation(self, conversation_id: str) -> dict | None: ...
+
+    def conversations(self, limit: int, before: float | None) -> list[dict]: ...
+
+    def delete(self, conversation_id: str) -> bool: ...
+
+
+def open_store(settings: Settings, instance_path: str) -> Store:
+    from .sqlite import SQLiteStore
+
+    return SQLiteStore.from_url(settings, instance_path)

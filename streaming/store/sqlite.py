@@ -1,0 +1,215 @@
+"""Conversations as rows in a SQLite file anyone can inspect (`sqlite3 instance/streaming.db`).
+
+Several gunicorn workers share the file: WAL mode, a busy timeout, a connection per operation
+(so per thread and per greenlet), and short transactions. Tokens are never written one by one:
+the answer's row is written when it ends.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sqlite3
+import time
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+from ..config import Settings
+from . import ConversationBusy, ConversationNotFound
+
+SCHEMA = [
+    # version 1
+    """
+    CREATE TABLE conversations (
+        id TEXT PRIMARY KEY,
+        system TEXT,
+        created_at REAL NOT NULL,
+        updated_at REAL NOT NULL
+    );
+    CREATE TABLE messages (
+        id TEXT PRIMARY KEY,
+        conversation_id TEXT NOT NULL REFERENCES conversations(id) ON DELETE CASCADE,
+        role TEXT NOT NULL,               -- user | assistant
+        content TEXT NOT NULL,
+        status TEXT NOT NULL,             -- complete | streaming | error | interrupted
+        error_code TEXT,
+        model TEXT,
+        usage TEXT,                       -- JSON {prompt_tokens, completion_tokens}
+        finish_reason TEXT,
+        ttft_ms INTEGER,
+        duration_ms INTEGER,
+        events TEXT,                      -- JSON event log, for Last-Event-ID replay
+        created_at REAL NOT NULL,
+        finished_at REAL
+    );
+    CREATE INDEX messages_by_conversation ON messages (conversation_id, created_at);
+    CREATE INDEX conversations_by_update ON conversations (updated_at);
+    """,
+]
+
+
+class SQLiteStore:
+    def __init__(self, path: str, settings: Settings) -> None:
+        self.path = path
+        self.history_chars = settings.history_chars
+        # A `streaming` row older than the longest possible stream belongs to a dead process.
+        self.stale_after_s = settings.max_stream_s + 60
+        self.migrate()
+
+    @classmethod
+    def from_url(cls, settings: Settings, instance_path: str) -> SQLiteStore:
+        url = settings.database_url
+        if not url:
+            os.makedirs(instance_path, exist_ok=True)
+            path = os.path.join(instance_path, "streaming.db")
+        elif url.startswith("sqlite:///"):
+            path = url.removeprefix("sqlite:///")
+        else:
+            raise ValueError("DATABASE_URL must be sqlite:///<path> (or unset for the default file)")
+        return cls(path, settings)
+
+    @contextmanager
+    def connect(self) -> Iterator[sqlite3.Connection]:
+        """A connection for one short transaction, committed on success and always closed."""
+        db = sqlite3.connect(self.path, timeout=10, isolation_level=None)
+        db.row_factory = sqlite3.Row
+        try:
+            db.execute("PRAGMA foreign_keys = ON")
+            db.execute("BEGIN IMMEDIATE")
+            yield db
+            db.execute("COMMIT")
+        except BaseException:
+            if db.in_transaction:
+                db.execute("ROLLBACK")
+            raise
+        finally:
+            db.close()
+
+    def migrate(self) -> None:
+        db = sqlite3.connect(self.path, timeout=10, isolation_level=None)
+        try:
+            db.execute("PRAGMA journal_mode = WAL")
+            db.execute("BEGIN IMMEDIATE")
+            version = db.execute("PRAGMA user_version").fetchone()[0]
+            for number, script in enumerate(SCHEMA[version:], version + 1):
+                for statement in filter(str.strip, script.split(";")):
+                    db.execute(statement)
+                db.execute(f"PRAGMA user_version = {number}")
+            db.execute("COMMIT")
+        finally:
+            db.close()
+
+    def begin_turn(
+        self, conversation_id: str | None, message_id: str, prompt: str, system: str | None, model: str
+    ) -> tuple[str, list[dict]]:
+        now = time.time()
+        with self.connect() as db:
+            if conversation_id is None:
+                conversation_id = uuid.uuid4().hex
+                db.execute(
+                    "INSERT INTO conversations (id, system, created_at, updated_at) VALUES (?, ?, ?, ?)",
+                    (conversation_id, system, now, now),
+                )
+                history: list[dict] = []
+            else:
+                row = db.execute("SELECT system FROM conversations WHERE id = ?", (conversation_id,)).fetchone()
+                if row is None:
+                    raise ConversationNotFound(conversation_id)
+                system = system if system is not None else row["system"]
+                db.execute(
+                    "UPDATE messages SET status = 'interrupted', error_code = 'lost', finished_at = ?"
+                    " WHERE conversation_id = ? AND status = 'streaming' AND created_at < ?",
+                    (now, conversation_id, now - self.stale_after_s),
+                )
+                if db.execute(
+                    "SELECT 1 FROM messages WHERE conversation_id = ? AND status = 'streaming'", (conversation_id,)
+                ).fetchone():
+                    raise ConversationBusy(conversation_id)
+                history = [
+                    {"role": r["role"], "content": r["content"]}
+                    for r in db.execute(
+                        "SELECT role, content FROM messages WHERE conversation_id = ? ORDER BY created_at, rowid",
+                        (conversation_id,),
+                    )
+                ]
+                db.execute("UPDATE conversations SET updated_at = ? WHERE id = ?", (now, conversation_id))
+            db.executemany(
+                "INSERT INTO messages (id, conversation_id, role, content, status, model, created_at)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?)",
+                [
+                    (uuid.uuid4().hex, conversation_id, "user", prompt, "complete", None, now),
+                    (message_id, conversation_id, "assistant", "", "streaming", model, now),
+                ],
+            )
+        messages = self.trim(history) + [{"role": "user", "content": prompt}]
+        if system:
+            messages.insert(0, {"role": "system", "content": system})
+        return conversation_id, messages
+
+    def trim(self, history: list[dict]) -> list[dict]:
+        """The newest turns that fit in the history budget (counted in characters)."""
+        budget, kept = self.history_chars, []
+        for message in reversed(history):
+            budget -= len(message["content"])
+            if budget < 0:
+                break
+            kept.append(message)
+        return kept[::-1]
+
+    def end_turn(self, message_id: str, status: str, events: list[dict], error_code: str | None) -> None:
+        done = next((e for e in events if e["type"] == "done"), {})
+        with self.connect() as db:
+            db.execute(
+                "UPDATE messages SET content = ?, status = ?, error_code = ?, usage = ?, finish_reason = ?,"
+                " ttft_ms = ?, duration_ms = ?, events = ?, finished_at = ? WHERE id = ?",
+                (
+                    "".join(e["text"] for e in events if e["type"] == "delta"),
+                    status,
+                    error_code,
+                    json.dumps(done["usage"]) if "usage" in done else None,
+                    done.get("finish_reason"),
+                    done.get("ttft_ms"),
+                    done.get("duration_ms"),
+                    json.dumps(events, ensure_ascii=False),
+                    time.time(),
+                    message_id,
+                ),
+            )
+
+    def message(self, message_id: str) -> dict | None:
+        with self.connect() as db:
+            row = db.execute("SELECT * FROM messages WHERE id = ?", (message_id,)).fetchone()
+        return None if row is None else dict(row)
+
+    def conversation(self, conversation_id: str) -> dict | None:
+        with self.connect() as db:
+            row = db.execute("SELECT * FROM conversations WHERE id = ?", (conversation_id,)).fetchone()
+            if row is None:
+                return None
+            turns = db.execute(
+                "SELECT id, role, content, status, error_code, model, usage, finish_reason, ttft_ms,"
+                " duration_ms, created_at, finished_at FROM messages WHERE conversation_id = ?"
+                " ORDER BY created_at, rowid",
+                (conversation_id,),
+            ).fetchall()
+        messages = []
+        for turn in turns:
+            message = dict(turn)
+            message["usage"] = json.loads(message["usage"]) if message["usage"] else None
+            messages.append(message)
+        return {**dict(row), "messages": messages}
+
+    def conversations(self, limit: int, before: float | None) -> list[dict]:
+        with self.connect() as db:
+            rows = db.execute(
+                "SELECT c.*, (SELECT content FROM messages m WHERE m.conversation_id = c.id AND m.role = 'user'"
+                " ORDER BY created_at, rowid LIMIT 1) AS title FROM conversations c"
+                " WHERE c.updated_at < ? ORDER BY c.updated_at DESC LIMIT ?",
+                (before if before is not None else float("inf"), limit),
+            ).fetchall()
+        return [dict(r) for r in rows]
+
+    def delete(self, conversation_id: str) -> bool:
+        with self.connect() as db:
+            return db.execute("DELETE FROM conversations WHERE id = ?", (conversation_id,)).rowcount > 0

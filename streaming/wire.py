@@ -1,0 +1,100 @@
+"""Wire formats: pure functions from events to bytes, all of them in this module.
+
+Events are dicts with a `type` (see DESIGN.md). A framing encodes a batch of events that a reader
+took from the log in one go; consecutive `delta` (or `reasoning`) events are merged first, so a
+burst of tokens becomes one frame and one write.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Protocol
+
+_json = json.JSONEncoder(ensure_ascii=False, separators=(",", ":")).encode
+
+
+def coalesce(events: list[dict], offset: int) -> list[tuple[int, dict]]:
+    """(sequence number, event) pairs, runs of text events of one type merged into the last."""
+    merged: list[tuple[int, dict]] = []
+    run: list[str] = []
+    for seq, event in enumerate(events, offset):
+        kind = event["type"]
+        if kind == "delta" or kind == "reasoning":
+            run.append(event["text"])
+            following = events[seq - offset + 1]["type"] if seq - offset + 1 < len(events) else None
+            if following == kind:
+                continue
+            event = {"type": kind, "text": "".join(run)} if len(run) > 1 else event
+            run = []
+        merged.append((seq, event))
+    return merged
+
+
+def sse(data: str, event: str | None = None, event_id: str | None = None, retry_ms: int | None = None) -> str:
+    """One Server-Sent Events frame. `data` must hold no line break (it is JSON here)."""
+    head = ""
+    if event_id is not None:
+        head += f"id: {event_id}\n"
+    if retry_ms is not None:
+        head += f"retry: {retry_ms}\n"
+    if event is not None:
+        head += f"event: {event}\n"
+    return f"{head}data: {data}\n\n"
+
+
+class Framing(Protocol):
+    media_type: str
+    heartbeat: bytes | None
+
+    def encode(self, events: list[dict], offset: int) -> bytes: ...
+
+
+class SSEFraming:
+    """`id: <message_id>:<seq>`, `event: <type>`, `data: <json>`; `retry` on the first frame."""
+
+    media_type = "text/event-stream"
+    heartbeat = b": ping\n\n"
+
+    def __init__(self, message_id: str, retry_ms: int) -> None:
+        self.message_id = message_id
+        self.retry_ms: int | None = retry_ms
+
+    def encode(self, events: list[dict], offset: int) -> bytes:
+        out = []
+        for seq, event in coalesce(events, offset):
+            out.append(sse(_json(event), event["type"], f"{self.message_id}:{seq}", self.retry_ms))
+            self.retry_ms = None
+        return "".join(out).encode()
+
+
+class NDJSONFraming:
+    """One JSON object a line; `index` added when the answer is one item of a batch."""
+
+    media_type = "application/x-ndjson"
+    heartbeat = b'{"type":"ping"}\n'
+
+    def __init__(self, index: int | None = None) -> None:
+        self.index = index
+
+    def encode(self, events: list[dict], offset: int) -> bytes:
+        if self.index is None:
+            lines = [_json(event) for _, event in coalesce(events, offset)]
+        else:
+            lines = [_json({**event, "index": self.index}) for _, event in coalesce(events, offset)]
+        return ("\n".join(lines) + "\n").encode()
+
+
+class TextFraming:
+    """Only the answer's text; a failure adds a last line `[error] <code>: <message>`."""
+
+    media_type = "text/plain; charset=utf-8"
+    heartbeat = None
+
+    def encode(self, events: list[dict], offset: int) -> bytes:
+        out = []
+        for event in events:
+            if event["type"] == "delta":
+                out.append(event["text"])
+            elif event["type"] == "error":
+                out.append(f"\n[error] {event['error']['code']}: {event['error']['message']}\n")
+        return "".join(out).encode()

@@ -1,0 +1,521 @@
+"""A local fake of OpenAI's Chat Completions API for tests and benchmarks.
+
+Standard library only. Usage::
+
+    with FakeUpstream() as up:
+        up.tokens = 5
+        client = openai.OpenAI(base_url=up.base_url, api_key="x", max_retries=0)
+        ...
+        up.wait_for(lambda: up.closed_by_client == 1)
+
+The answer is deterministic: ``"echo: " + <last user message>`` followed by
+filler words, cut or padded to exactly ``up.tokens`` whitespace-led tokens
+(``"echo:"``, ``" hello"``, ``" lorem"``, ...); ``up.expected_text(...)``
+returns it. Streams are sent as HTTP/1.1 with ``Connection: close`` and no
+Content-Length (the body ends when the socket closes); every SSE frame is
+written and flushed on its own.
+
+Behaviour knobs are plain attributes, read once when a request arrives:
+
+* ``tokens`` (20), ``tokens_per_s`` (0 = no pacing), ``ttft_s`` (delay after
+  the headers, before the first data frame), ``reasoning_tokens`` (that many
+  ``{"reasoning_content": "think "}`` chunks before the content).
+* ``fail_status`` / ``fail_times``: answer chat completions with that HTTP
+  status and an OpenAI-shaped error body (its message contains
+  ``SECRET_DETAIL``); ``fail_times`` counts down the failing requests
+  (None = fail forever).
+* After N content tokens of a stream: ``drop_after`` (close the socket without
+  ``[DONE]``; with ``drop_reset = True`` the close is a TCP reset),
+  ``hang_after`` (send nothing more until the client or the server goes away),
+  ``error_after`` (an ``{"error": ...}`` frame, then close),
+  ``malformed_after`` (``data: {not json``, then close).
+
+Recordings: ``requests`` (JSON bodies, in arrival order), ``last_authorization``,
+``closed_by_client``, ``active_streams``.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import select
+import socket
+import struct
+import threading
+import time
+from collections.abc import Callable
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any, Self
+
+SECRET_DETAIL = "SECRET-UPSTREAM-DETAIL"
+FILLER = ("lorem", "ipsum", "dolor", "sit", "amet", "consectetur", "adipiscing", "elit")
+# Waits re-check the stop flag this often; a client closing wakes them at once.
+POLL_S = 0.05
+
+_ERRORS = {
+    400: ("invalid_request_error", None),
+    401: ("invalid_request_error", "invalid_api_key"),
+    403: ("invalid_request_error", "unsupported_country_region_territory"),
+    404: ("invalid_request_error", "model_not_found"),
+    429: ("requests", "rate_limit_exceeded"),
+}
+
+_DEFAULTS: dict[str, Any] = {
+    "tokens": 20,
+    "tokens_per_s": 0.0,
+    "ttft_s": 0.0,
+    "reasoning_tokens": 0,
+    "fail_status": None,
+    "fail_times": None,
+    "drop_after": None,
+    "drop_reset": False,
+    "hang_after": None,
+    "error_after": None,
+    "malformed_after": None,
+}
+
+
+class ClientGone(Exception):
+    """The client closed its end of a connection."""
+
+
+class _Server(ThreadingHTTPServer):
+    daemon_threads = True
+    request_queue_size = 1024
+    allow_reuse_address = True
+
+
+class FakeUpstream:
+    """Fake OpenAI Chat Completions server on 127.0.0.1 (see module docstring)."""
+
+    def __init__(self) -> None:
+        self.reset()
+        self.active_streams = 0
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._connections: set[socket.socket] = set()
+        self._server: _Server | None = None
+        self._thread: threading.Thread | None = None
+        self._next_id = 0
+        self.base_url = ""
+
+    # -- lifecycle ---------------------------------------------------------
+
+    def __enter__(self) -> Self:
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    def start(self) -> None:
+        """Bind a free port and serve from a daemon thread."""
+        handler = type("Handler", (_Handler,), {"upstream": self})
+        self._server = _Server(("127.0.0.1", 0), handler)
+        port = self._server.server_address[1]
+        self.base_url = f"http://127.0.0.1:{port}/v1"
+        self._thread = threading.Thread(
+            target=self._server.serve_forever,
+            kwargs={"poll_interval": 0.05},
+            daemon=True,
+            name="fake-upstream",
+        )
+        self._thread.start()
+
+    def stop(self) -> None:
+        """Stop serving, end open streams and close the listening socket."""
+        if self._server is None:
+            return
+        self._stop.set()
+        self._server.shutdown()
+        with self._lock:
+            conns = list(self._connections)
+        for conn in conns:  # unblock handlers stuck in a write
+            try:
+                conn.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+        self._server.server_close()
+        if self._thread is not None:
+            self._thread.join()
+        self._server = None
+
+    def reset(self) -> None:
+        """Restore default knobs and clear the recordings."""
+        for name, value in _DEFAULTS.items():
+            setattr(self, name, value)
+        self.requests: list[dict[str, Any]] = []
+        self.last_authorization: str | None = None
+        self.closed_by_client = 0
+
+    # -- helpers for tests -------------------------------------------------
+
+    def wait_for(self, predicate: Callable[[], Any], timeout: float = 10) -> Any:
+        """Poll ``predicate`` every 10 ms; return its first truthy value or fail."""
+        deadline = time.monotonic() + timeout
+        while True:
+            value = predicate()
+            if value:
+                return value
+            if time.monotonic() >= deadline:
+                raise AssertionError(
+                    f"condition not met within {timeout}s: {predicate}"
+                )
+            time.sleep(0.01)
+
+    def expected_text(self, user_content: str, tokens: int | None = None) -> str:
+        """The full answer text for a last user message of ``user_content``."""
+        return "".join(
+            answer_tokens(user_content, self.tokens if tokens is None else tokens)
+        )
+
+    # -- internal bookkeeping (called from handler threads) -----------------
+
+    def _bump(self, name: str, delta: int = 1) -> None:
+        with self._lock:
+            setattr(self, name, getattr(self, name) + delta)
+
+    def _note_client_gone(self) -> None:
+        if not self._stop.is_set():  # sockets shut down by stop() do not count
+            self._bump("closed_by_client")
+
+    def _take_failure(self) -> int | None:
+        """Return the status to fail this request with, counting down ``fail_times``."""
+        with self._lock:
+            if self.fail_status is None:
+                return None
+            if self.fail_times is not None:
+                if self.fail_times <= 0:
+                    return None
+                self.fail_times -= 1
+            return int(self.fail_status)
+
+    def _new_id(self) -> str:
+        with self._lock:
+            self._next_id += 1
+            return f"chatcmpl-fake{self._next_id:06d}"
+
+
+def answer_tokens(user_content: str, count: int) -> list[str]:
+    """``count`` whitespace-led tokens: "echo:", the user's words, then filler."""
+    words = ["echo:"] + user_content.split()
+    words += [FILLER[i % len(FILLER)] for i in range(max(0, count - len(words)))]
+    return [w if i == 0 else " " + w for i, w in enumerate(words[:count])]
+
+
+def _error_body(message: str, err_type: str, code: str | None) -> dict[str, Any]:
+    return {
+        "error": {"message": message, "type": err_type, "param": None, "code": code}
+    }
+
+
+def _last_user_text(messages: Any) -> str:
+    for message in reversed(messages if isinstance(messages, list) else []):
+        if isinstance(message, dict) and message.get("role") == "user":
+            content = message.get("content")
+            if isinstance(content, list):  # content parts
+                return " ".join(
+                    p.get("text", "") for p in content if isinstance(p, dict)
+                )
+            return content if isinstance(content, str) else ""
+    return ""
+
+
+def _prompt_tokens(messages: Any) -> int:
+    total = 0
+    for message in messages if isinstance(messages, list) else []:
+        content = message.get("content") if isinstance(message, dict) else None
+        total += len(content.split()) if isinstance(content, str) else 0
+    return total
+
+
+class _Handler(BaseHTTPRequestHandler):
+    """One connection = one request; always ``Connection: close``."""
+
+    protocol_version = "HTTP/1.1"
+    upstream: FakeUpstream
+
+    def log_message(self, format: str, *args: Any) -> None:
+        pass  # keep test output quiet
+
+    def setup(self) -> None:
+        super().setup()
+        with self.upstream._lock:
+            self.upstream._connections.add(self.connection)
+
+    def finish(self) -> None:
+        with self.upstream._lock:
+            self.upstream._connections.discard(self.connection)
+        try:
+            super().finish()
+        except OSError:
+            pass
+
+    # -- routing -----------------------------------------------------------
+
+    def do_GET(self) -> None:
+        self._note_auth()
+        if self.path.rstrip("/") == "/v1/models":
+            model = {
+                "id": "fake-model",
+                "object": "model",
+                "created": 0,
+                "owned_by": "fake",
+            }
+            self._send_json(200, {"object": "list", "data": [model]})
+        else:
+            self._send_error(404, f"Unknown path {self.path}")
+
+    def do_POST(self) -> None:
+        self._note_auth()
+        if self.path.rstrip("/") != "/v1/chat/completions":
+            self._send_error(404, f"Unknown path {self.path}")
+            return
+        try:
+            length = int(self.headers.get("Content-Length") or 0)
+            body = json.loads(self.rfile.read(length) or b"null")
+        except ValueError:
+            self._send_error(400, "Request body is not valid JSON")
+            return
+        if not isinstance(body, dict):
+            self._send_error(400, "Request body must be a JSON object")
+            return
+        self.upstream.requests.append(body)
+        status = self.upstream._take_failure()
+        if status is not None:
+            self._send_error(
+                status, f"Fake upstream failure {status} ({SECRET_DETAIL})"
+            )
+        elif body.get("stream"):
+            self._stream(body)
+        else:
+            self._complete(body)
+
+    # -- plain responses ---------------------------------------------------
+
+    def _note_auth(self) -> None:
+        auth = self.headers.get("Authorization")
+        if auth is not None:
+            self.upstream.last_authorization = auth
+
+    def _send_json(self, status: int, payload: Any) -> None:
+        data = json.dumps(payload).encode()
+        self.close_connection = True
+        try:
+            self.send_response(status)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(data)))
+            self.send_header("Connection", "close")
+            self.end_headers()
+            self.wfile.write(data)
+            self.wfile.flush()
+        except (BrokenPipeError, ConnectionResetError, ConnectionAbortedError):
+            self.upstream._note_client_gone()
+
+    def _send_error(self, status: int, message: str) -> None:
+        err_type, code = _ERRORS.get(status, ("server_error", None))
+        self._send_json(status, _error_body(message, err_type, code))
+
+    def _complete(self, body: dict[str, Any]) -> None:
+        """Non-streaming answer; waits as long as the stream would have."""
+        up = self.upstream
+        toks = answer_tokens(_last_user_text(body.get("messages")), int(up.tokens))
+        n_steps = len(toks) + int(up.reasoning_tokens)
+        delay = float(up.ttft_s) + (
+            max(0, n_steps - 1) / up.tokens_per_s if up.tokens_per_s else 0.0
+        )
+        try:
+            self._pause(delay)
+        except ClientGone:
+            up._note_client_gone()
+            return
+        message: dict[str, Any] = {"role": "assistant", "content": "".join(toks)}
+        if up.reasoning_tokens:
+            message["reasoning_content"] = "think " * int(up.reasoning_tokens)
+        prompt = _prompt_tokens(body.get("messages"))
+        completion = len(toks) + int(up.reasoning_tokens)
+        self._send_json(
+            200,
+            {
+                "id": up._new_id(),
+                "object": "chat.completion",
+                "created": int(time.time()),
+                "model": body.get("model") or "fake-model",
+                "system_fingerprint": "fp_fake",
+                "choices": [
+                    {
+                        "index": 0,
+                        "message": message,
+                        "logprobs": None,
+                        "finish_reason": "stop",
+                    }
+                ],
+                "usage": {
+                    "prompt_tokens": prompt,
+                    "completion_tokens": completion,
+                    "total_tokens": prompt + completion,
+                },
+            },
+        )
+
+    # -- streaming ---------------------------------------------------------
+
+    def _stream(self, body: dict[str, Any]) -> None:
+        up = self.upstream
+        up._bump("active_streams")
+        try:
+            self._stream_body(body)
+        except ClientGone:
+            up._note_client_gone()
+        finally:
+            self.close_connection = True
+            up._bump("active_streams", -1)
+
+    def _stream_body(self, body: dict[str, Any]) -> None:
+        up = self.upstream
+        # Snapshot the knobs so a test changing them mid-stream does not matter.
+        self.knobs = {name: getattr(up, name) for name in _DEFAULTS}
+        toks = answer_tokens(_last_user_text(body.get("messages")), int(up.tokens))
+        n_reasoning = int(self.knobs["reasoning_tokens"])
+        rate = float(self.knobs["tokens_per_s"])
+        include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
+        base = {
+            "id": up._new_id(),
+            "object": "chat.completion.chunk",
+            "created": int(time.time()),
+            "model": body.get("model") or "fake-model",
+            "system_fingerprint": "fp_fake",
+        }
+
+        def chunk(
+            delta: dict[str, Any], finish_reason: str | None = None
+        ) -> dict[str, Any]:
+            choice = {
+                "index": 0,
+                "delta": delta,
+                "logprobs": None,
+                "finish_reason": finish_reason,
+            }
+            return dict(
+                base, choices=[choice], **({"usage": None} if include_usage else {})
+            )
+
+        self.send_response(200)
+        self.send_header("Content-Type", "text/event-stream; charset=utf-8")
+        self.send_header("Cache-Control", "no-cache")
+        self.send_header("Connection", "close")
+        try:
+            self.end_headers()
+        except (BrokenPipeError, ConnectionResetError, ConnectionAbortedError) as exc:
+            raise ClientGone from exc
+        self._pause(float(self.knobs["ttft_s"]))
+        self._send_frame(chunk({"role": "assistant", "content": ""}))
+
+        steps = [("reasoning_content", "think ")] * n_reasoning + [
+            ("content", t) for t in toks
+        ]
+        start = time.monotonic()
+        sent = 0  # content tokens sent so far
+        for i, (field, text) in enumerate(steps):
+            if field == "content" and self._fail_midstream(sent):
+                return
+            if rate and i:
+                self._pause(start + i / rate - time.monotonic())
+            self._send_frame(chunk({field: text}))
+            sent += field == "content"
+        if self._fail_midstream(sent):
+            return
+
+        self._send_frame(chunk({}, "stop"))
+        if include_usage:
+            prompt = _prompt_tokens(body.get("messages"))
+            completion = len(toks) + n_reasoning
+            usage = {
+                "prompt_tokens": prompt,
+                "completion_tokens": completion,
+                "total_tokens": prompt + completion,
+            }
+            self._send_frame(dict(base, choices=[], usage=usage))
+        self._write_raw(b"data: [DONE]\n\n")
+
+    def _fail_midstream(self, sent: int) -> bool:
+        """Apply a failure mode due after ``sent`` content tokens; True if the stream ends here."""
+
+        def due(name: str) -> bool:
+            return self.knobs[name] is not None and sent >= self.knobs[name]
+
+        if due("drop_after"):
+            self._drop(bool(self.knobs["drop_reset"]))
+        elif due("hang_after"):
+            self._hang()
+        elif due("error_after"):
+            error = {"message": "boom", "type": "server_error", "code": "server_error"}
+            self._send_frame({"error": error})
+        elif due("malformed_after"):
+            self._write_raw(b"data: {not json\n\n")
+        else:
+            return False
+        return True
+
+    def _send_frame(self, payload: dict[str, Any]) -> None:
+        """Send one SSE ``data:`` frame."""
+        self._write_raw(b"data: " + json.dumps(payload).encode() + b"\n\n")
+
+    def _write_raw(self, data: bytes) -> None:
+        try:
+            self.wfile.write(data)
+            self.wfile.flush()
+        except (BrokenPipeError, ConnectionResetError, ConnectionAbortedError) as exc:
+            raise ClientGone from exc
+
+    def _client_gone(self, timeout: float) -> bool:
+        """Wait up to ``timeout`` s for the socket to become readable; True if the peer closed.
+
+        Uses ``poll`` rather than ``select`` so fds above 1024 work (hundreds of streams).
+        """
+        poller = select.poll()
+        poller.register(
+            self.connection, select.POLLIN | select.POLLHUP | select.POLLERR
+        )
+        try:
+            if not poller.poll(max(0, int(timeout * 1000))):
+                return False
+            if self.connection.recv(1, socket.MSG_PEEK) == b"":
+                return True
+            self.connection.recv(65536)  # unexpected extra bytes: discard, keep going
+            return False
+        except (OSError, ValueError):  # reset by the peer, or shut down by stop()
+            return True
+
+    def _pause(self, seconds: float) -> None:
+        """Sleep ``seconds`` but raise ClientGone as soon as the client disconnects."""
+        deadline = time.monotonic() + seconds
+        while not self.upstream._stop.is_set():
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return
+            if self._client_gone(min(remaining, POLL_S)):
+                raise ClientGone
+
+    def _hang(self) -> None:
+        """Send nothing more until the client closes or the server stops."""
+        while not self.upstream._stop.is_set():
+            if self._client_gone(POLL_S):
+                raise ClientGone
+
+    def _drop(self, reset: bool) -> None:
+        """Close the socket without ``[DONE]``: FIN, or RST if ``reset``."""
+        if reset:
+            linger = struct.pack("ii", 1, 0)  # on/0 s: close() sends RST
+            self.connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, linger)
+            # The fd only really closes once the handler's file objects are closed too;
+            # the BytesIO keeps the base class's final flush() harmless.
+            self.wfile.close()
+            self.rfile.close()
+            self.connection.close()
+            self.wfile = io.BytesIO()
+        else:
+            try:
+                self.connection.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
