@@ -92,6 +92,7 @@ class FakeUpstream:
         self.reset()
         self.active_streams = 0
         self._lock = threading.Lock()
+        self._idle = threading.Condition(self._lock)  # notified when a connection ends
         self._stop = threading.Event()
         self._connections: set[socket.socket] = set()
         self._server: _Server | None = None
@@ -110,6 +111,7 @@ class FakeUpstream:
 
     def start(self) -> None:
         """Bind a free port and serve from a daemon thread."""
+        self._stop.clear()
         handler = type("Handler", (_Handler,), {"upstream": self})
         self._server = _Server(("127.0.0.1", 0), handler)
         port = self._server.server_address[1]
@@ -138,6 +140,8 @@ class FakeUpstream:
         self._server.server_close()
         if self._thread is not None:
             self._thread.join()
+        with self._idle:  # let the handler threads finish their bookkeeping
+            self._idle.wait_for(lambda: not self._connections, timeout=5)
         self._server = None
 
     def reset(self) -> None:
@@ -158,16 +162,12 @@ class FakeUpstream:
             if value:
                 return value
             if time.monotonic() >= deadline:
-                raise AssertionError(
-                    f"condition not met within {timeout}s: {predicate}"
-                )
+                raise AssertionError(f"condition not met within {timeout}s: {predicate}")
             time.sleep(0.01)
 
     def expected_text(self, user_content: str, tokens: int | None = None) -> str:
         """The full answer text for a last user message of ``user_content``."""
-        return "".join(
-            answer_tokens(user_content, self.tokens if tokens is None else tokens)
-        )
+        return "".join(answer_tokens(user_content, self.tokens if tokens is None else tokens))
 
     # -- internal bookkeeping (called from handler threads) -----------------
 
@@ -204,9 +204,7 @@ def answer_tokens(user_content: str, count: int) -> list[str]:
 
 
 def _error_body(message: str, err_type: str, code: str | None) -> dict[str, Any]:
-    return {
-        "error": {"message": message, "type": err_type, "param": None, "code": code}
-    }
+    return {"error": {"message": message, "type": err_type, "param": None, "code": code}}
 
 
 def _last_user_text(messages: Any) -> str:
@@ -214,9 +212,7 @@ def _last_user_text(messages: Any) -> str:
         if isinstance(message, dict) and message.get("role") == "user":
             content = message.get("content")
             if isinstance(content, list):  # content parts
-                return " ".join(
-                    p.get("text", "") for p in content if isinstance(p, dict)
-                )
+                return " ".join(p.get("text", "") for p in content if isinstance(p, dict))
             return content if isinstance(content, str) else ""
     return ""
 
@@ -244,12 +240,13 @@ class _Handler(BaseHTTPRequestHandler):
             self.upstream._connections.add(self.connection)
 
     def finish(self) -> None:
-        with self.upstream._lock:
-            self.upstream._connections.discard(self.connection)
         try:
             super().finish()
         except OSError:
             pass
+        with self.upstream._idle:
+            self.upstream._connections.discard(self.connection)
+            self.upstream._idle.notify_all()
 
     # -- routing -----------------------------------------------------------
 
@@ -283,9 +280,7 @@ class _Handler(BaseHTTPRequestHandler):
         self.upstream.requests.append(body)
         status = self.upstream._take_failure()
         if status is not None:
-            self._send_error(
-                status, f"Fake upstream failure {status} ({SECRET_DETAIL})"
-            )
+            self._send_error(status, f"Fake upstream failure {status} ({SECRET_DETAIL})")
         elif body.get("stream"):
             self._stream(body)
         else:
@@ -321,9 +316,7 @@ class _Handler(BaseHTTPRequestHandler):
         up = self.upstream
         toks = answer_tokens(_last_user_text(body.get("messages")), int(up.tokens))
         n_steps = len(toks) + int(up.reasoning_tokens)
-        delay = float(up.ttft_s) + (
-            max(0, n_steps - 1) / up.tokens_per_s if up.tokens_per_s else 0.0
-        )
+        delay = float(up.ttft_s) + (max(0, n_steps - 1) / up.tokens_per_s if up.tokens_per_s else 0.0)
         try:
             self._pause(delay)
         except ClientGone:
@@ -387,18 +380,14 @@ class _Handler(BaseHTTPRequestHandler):
             "system_fingerprint": "fp_fake",
         }
 
-        def chunk(
-            delta: dict[str, Any], finish_reason: str | None = None
-        ) -> dict[str, Any]:
+        def chunk(delta: dict[str, Any], finish_reason: str | None = None) -> dict[str, Any]:
             choice = {
                 "index": 0,
                 "delta": delta,
                 "logprobs": None,
                 "finish_reason": finish_reason,
             }
-            return dict(
-                base, choices=[choice], **({"usage": None} if include_usage else {})
-            )
+            return dict(base, choices=[choice], **({"usage": None} if include_usage else {}))
 
         self.send_response(200)
         self.send_header("Content-Type", "text/event-stream; charset=utf-8")
@@ -411,9 +400,7 @@ class _Handler(BaseHTTPRequestHandler):
         self._pause(float(self.knobs["ttft_s"]))
         self._send_frame(chunk({"role": "assistant", "content": ""}))
 
-        steps = [("reasoning_content", "think ")] * n_reasoning + [
-            ("content", t) for t in toks
-        ]
+        steps = [("reasoning_content", "think ")] * n_reasoning + [("content", t) for t in toks]
         start = time.monotonic()
         sent = 0  # content tokens sent so far
         for i, (field, text) in enumerate(steps):
@@ -474,9 +461,7 @@ class _Handler(BaseHTTPRequestHandler):
         Uses ``poll`` rather than ``select`` so fds above 1024 work (hundreds of streams).
         """
         poller = select.poll()
-        poller.register(
-            self.connection, select.POLLIN | select.POLLHUP | select.POLLERR
-        )
+        poller.register(self.connection, select.POLLIN | select.POLLHUP | select.POLLERR)
         try:
             if not poller.poll(max(0, int(timeout * 1000))):
                 return False

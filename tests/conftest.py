@@ -1,0 +1,112 @@
+"""Real gunicorn servers on loopback ports, started per test with the environment it needs."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import requests
+
+ROOT = Path(__file__).resolve().parent.parent
+WORKER_CLASSES = ["sync", "gthread", "gevent"]
+
+
+def wait_for(predicate: Callable[[], object], timeout: float = 10.0, what: str = "condition") -> object:
+    """Poll `predicate` until it returns something true; fail after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        result = predicate()
+        if result:
+            return result
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.01)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@dataclass
+class Server:
+    url: str
+    process: subprocess.Popen
+    log: Path
+    env: dict
+
+    def get(self, path: str, **kwargs) -> requests.Response:
+        return requests.get(self.url + path, timeout=30, **kwargs)
+
+    def post(self, path: str, **kwargs) -> requests.Response:
+        return requests.post(self.url + path, timeout=30, **kwargs)
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+
+
+def start_server(tmp_path: Path, worker_class: str, env: dict | None = None, db: Path | None = None) -> Server:
+    port = free_port()
+    full_env = {
+        **os.environ,
+        "HOST": "127.0.0.1",
+        "PORT": str(port),
+        "WORKER_CLASS": worker_class,
+        "WEB_CONCURRENCY": "1",
+        "THREADS": "8",
+        "DATABASE_URL": f"sqlite:///{db or tmp_path / 'test.db'}",
+        "DEMO_TTFT_MS": "0",
+        "DEMO_TOKENS_PER_S": "0",
+        "GRACEFUL_TIMEOUT_S": "3",
+        **(env or {}),
+    }
+    log = tmp_path / f"gunicorn-{worker_class}-{port}.log"
+    process = subprocess.Popen(
+        [sys.executable, "-m", "gunicorn", "-c", "gunicorn.conf.py", "--no-control-socket", "app:app"],
+        cwd=ROOT,
+        env=full_env,
+        stdout=log.open("wb"),
+        stderr=subprocess.STDOUT,
+    )
+    server = Server(f"http://127.0.0.1:{port}", process, log, full_env)
+
+    def healthy() -> bool:
+        if process.poll() is not None:
+            raise AssertionError(f"gunicorn exited:\n{log.read_text()}")
+        try:
+            return requests.get(server.url + "/healthz", timeout=1).ok
+        except requests.ConnectionError:
+            return False
+
+    wait_for(healthy, timeout=30, what="gunicorn to answer /healthz")
+    return server
+
+
+@pytest.fixture
+def serve(tmp_path: Path) -> Iterator[Callable[..., Server]]:
+    """`serve(worker_class, **env)` starts a server that is stopped after the test."""
+    servers: list[Server] = []
+
+    def start(worker_class: str = "gevent", db: Path | None = None, **env: str) -> Server:
+        server = start_server(tmp_path, worker_class, {k: str(v) for k, v in env.items()}, db)
+        servers.append(server)
+        return server
+
+    yield start
+    for server in servers:
+        server.stop()
