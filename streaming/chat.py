@@ -7,7 +7,7 @@ import json
 from flask import Blueprint, Response, jsonify, request
 
 from .errors import ApiError
-from .params import parse_chat_request
+from .params import parse_chat_request, request_fields
 from .turns import STREAM_HEADERS, begin_answer, service, streamed
 from .wire import SSEFraming, TextFraming
 
@@ -15,7 +15,7 @@ bp = Blueprint("chat", __name__)
 
 
 def chat_request():
-    return parse_chat_request(request, service().settings.max_prompt_chars)
+    return parse_chat_request(request_fields(request), service().settings.max_prompt_chars)
 
 
 @bp.route("/chat", methods=["GET", "POST"])

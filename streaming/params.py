@@ -21,6 +21,8 @@ class ChatRequest:
     system: str | None = None
     max_tokens: int | None = None
     temperature: float | None = None
+    # Earlier messages the client sends itself (the OpenAI-style API), for a new conversation.
+    history: tuple[dict, ...] = ()
 
     def provider_params(self) -> dict:
         """What is passed through to the provider, where set."""
@@ -72,10 +74,9 @@ def number_field(fields: dict, name: str, kind: type, low: float, high: float) -
     return kind(value)
 
 
-def parse_chat_request(request: Request, max_prompt_chars: int, extra: tuple[str, ...] = ()) -> ChatRequest:
-    """The checked request; `extra` names fields that the caller reads itself."""
-    fields = request_fields(request)
-    unknown = sorted(set(fields) - set(ChatRequest.__dataclass_fields__) - set(extra))
+def parse_chat_request(fields: dict, max_prompt_chars: int) -> ChatRequest:
+    """The checked request, from `request_fields()`."""
+    unknown = sorted(set(fields) - set(ChatRequest.__dataclass_fields__) - {"history"})
     if unknown:
         raise invalid(f"unknown field(s): {', '.join(unknown)}")
     prompt = text_field(fields, "prompt", max_prompt_chars)

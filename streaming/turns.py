@@ -43,7 +43,7 @@ def begin_answer(chat: ChatRequest) -> Answer:
     model = chat.model or svc.provider.default_model
     try:
         conversation_id, messages = svc.store.begin_turn(
-            chat.conversation_id, message_id, chat.prompt, chat.system, model
+            chat.conversation_id, message_id, chat.prompt, chat.system, model, chat.history
         )
     except ConversationNotFound:
         raise ApiError(404, "not_found", "no such conversation") from None

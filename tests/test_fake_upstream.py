@@ -7,10 +7,7 @@ import threading
 import openai
 import pytest
 
-try:  # tests/ as a plain directory (pytest's default rootdir-less import)
-    from fake_upstream import SECRET_DETAIL, FakeUpstream
-except ImportError:  # tests/ as a package
-    from tests.fake_upstream import SECRET_DETAIL, FakeUpstream
+from .fake_upstream import SECRET_DETAIL, FakeUpstream
 
 MESSAGES = [
     {"role": "system", "content": "be brief"},

@@ -74,6 +74,7 @@ class OpenAIReply:
         self._closed = False
 
     def __iter__(self) -> Iterator[Chunk]:
+        finished = False
         try:
             for chunk in self._stream:
                 if chunk.usage is not None:
@@ -88,12 +89,17 @@ class OpenAIReply:
                 if choice.delta.content:
                     yield choice.delta.content
                 if choice.finish_reason:
+                    finished = True
                     yield Finish(choice.finish_reason)
         except Exception as exc:
             if self._closed:
                 return  # closed on purpose: the engine already knows why
             log.warning("upstream stream failed: %s", type(exc).__name__)
             raise provider_error(exc) from None
+        if not finished and not self._closed:
+            # A body without a length ends when the socket closes: without a finish reason,
+            # the upstream went away mid-answer.
+            raise ProviderError("upstream_error", "the model server closed the stream before the answer was complete")
 
     def close(self) -> None:
         """Shut the socket down first: closing the response from another thread does not wake a

@@ -23,11 +23,18 @@ class ConversationBusy(Exception):
 
 class Store(Protocol):
     def begin_turn(
-        self, conversation_id: str | None, message_id: str, prompt: str, system: str | None, model: str
+        self,
+        conversation_id: str | None,
+        message_id: str,
+        prompt: str,
+        system: str | None,
+        model: str,
+        history: tuple[dict, ...] = (),
     ) -> tuple[str, list[dict]]:
         """Record the user's message and a `streaming` placeholder for the answer; return the
-        conversation id (a new one when None) and the history to send: system first, then the
-        earlier turns as `{"role", "content"}` dicts, then this prompt."""
+        conversation id (a new one when None) and the messages to send: system first, then the
+        earlier turns as `{"role", "content"}` dicts, then this prompt. `history` (earlier
+        messages the client sent itself) starts a new conversation with those turns."""
 
     def end_turn(self, message_id: str, status: str, events: list[dict], error_code: str | None) -> None:
         """Complete the assistant's row from the answer's event log."""

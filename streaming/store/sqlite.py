@@ -101,7 +101,13 @@ class SQLiteStore:
             db.close()
 
     def begin_turn(
-        self, conversation_id: str | None, message_id: str, prompt: str, system: str | None, model: str
+        self,
+        conversation_id: str | None,
+        message_id: str,
+        prompt: str,
+        system: str | None,
+        model: str,
+        history: tuple[dict, ...] = (),
     ) -> tuple[str, list[dict]]:
         now = time.time()
         with self.connect() as db:
@@ -111,7 +117,12 @@ class SQLiteStore:
                     "INSERT INTO conversations (id, system, created_at, updated_at) VALUES (?, ?, ?, ?)",
                     (conversation_id, system, now, now),
                 )
-                history: list[dict] = []
+                db.executemany(
+                    "INSERT INTO messages (id, conversation_id, role, content, status, created_at)"
+                    " VALUES (?, ?, ?, ?, 'complete', ?)",
+                    [(uuid.uuid4().hex, conversation_id, m["role"], m["content"], now) for m in history],
+                )
+                earlier = [{"role": m["role"], "content": m["content"]} for m in history]
             else:
                 row = db.execute("SELECT system FROM conversations WHERE id = ?", (conversation_id,)).fetchone()
                 if row is None:
@@ -126,7 +137,7 @@ class SQLiteStore:
                     "SELECT 1 FROM messages WHERE conversation_id = ? AND status = 'streaming'", (conversation_id,)
                 ).fetchone():
                     raise ConversationBusy(conversation_id)
-                history = [
+                earlier = [
                     {"role": r["role"], "content": r["content"]}
                     for r in db.execute(
                         "SELECT role, content FROM messages WHERE conversation_id = ? ORDER BY created_at, rowid",
@@ -142,7 +153,7 @@ class SQLiteStore:
                     (message_id, conversation_id, "assistant", "", "streaming", model, now),
                 ],
             )
-        messages = self.trim(history) + [{"role": "user", "content": prompt}]
+        messages = self.trim(earlier) + [{"role": "user", "content": prompt}]
         if system:
             messages.insert(0, {"role": "system", "content": system})
         return conversation_id, messages
