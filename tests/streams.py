@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import requests
@@ -25,8 +26,8 @@ class Received:
 
 
 def read_sse(url: str, *, method: str = "POST", json_body: dict | None = None, headers: dict | None = None,
-             stop_after: int | None = None) -> Received:
-    """Parse an SSE response with sseclient-py; `stop_after` deltas closes the connection early."""
+             until: Callable[[Received], bool] | None = None) -> Received:
+    """Parse an SSE response with sseclient-py; closes the connection early once `until` holds."""
     response = requests.request(method, url, json=json_body, headers=headers, stream=True, timeout=30)
     assert response.status_code == 200, response.text
     assert response.headers["Content-Type"].startswith("text/event-stream")
@@ -40,7 +41,7 @@ def read_sse(url: str, *, method: str = "POST", json_body: dict | None = None, h
             received.ids.append(message.id)
             if message.retry is not None and received.retry is None:
                 received.retry = message.retry
-            if stop_after is not None and len(received.of("delta")) >= stop_after:
+            if until is not None and until(received):
                 break
     finally:
         response.close()

@@ -154,7 +154,7 @@ def test_bad_input_is_a_json_4xx(serve, worker_class):
 def test_disconnect_stops_the_answer(serve, worker_class):
     """A client that leaves mid-answer stops generation, and the turn is kept as interrupted."""
     server = serve(worker_class, DEMO_TOKENS_PER_S=50, DEMO_TOKENS=5000, HEARTBEAT_S=0.2)
-    got = read_sse(server.url + "/chat/sse", json_body={"prompt": "long"}, stop_after=3)
+    got = read_sse(server.url + "/chat/sse", json_body={"prompt": "long"}, until=lambda got: len(got.of("delta")) >= 3)
     conversation_id = got.events[0]["conversation_id"]
 
     def stored_turn():

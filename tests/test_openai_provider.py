@@ -1,0 +1,124 @@
+"""The OpenAI provider (the real SDK) against a local server speaking OpenAI's streaming format."""
+
+from __future__ import annotations
+
+import pytest
+import requests
+
+from .conftest import WORKER_CLASSES, free_port, wait_for
+from .fake_upstream import SECRET_DETAIL, FakeUpstream
+from .streams import read_sse
+
+
+@pytest.fixture
+def upstream():
+    with FakeUpstream() as up:
+        yield up
+
+
+def relay(serve, upstream, worker_class="gevent", **env):
+    return serve(
+        worker_class,
+        LLM_PROVIDER="openai",
+        OPENAI_BASE_URL=upstream.base_url,
+        OPENAI_API_KEY="sk-test-secret",
+        LLM_MODEL="fake-model",
+        HEARTBEAT_S=0.2,
+        **env,
+    )
+
+
+@pytest.mark.parametrize("worker_class", WORKER_CLASSES)
+def test_relays_the_upstream_answer(serve, upstream, worker_class):
+    upstream.tokens, upstream.tokens_per_s, upstream.reasoning_tokens = 12, 100, 2
+    server = relay(serve, upstream, worker_class)
+    got = read_sse(server.url + "/chat/sse", json_body={"prompt": "hello there", "max_tokens": 50})
+    assert got.text == upstream.expected_text("hello there")
+    assert "".join(e["text"] for e in got.of("reasoning")) == "think think "
+    done = got.events[-1]
+    assert done["type"] == "done" and done["finish_reason"] == "stop"
+    assert done["usage"]["completion_tokens"] == 12 + 2  # as the upstream counted them, reasoning included
+    sent = upstream.requests[-1]
+    assert sent["stream"] is True and sent["stream_options"] == {"include_usage": True}
+    assert sent["model"] == "fake-model" and sent["max_tokens"] == 50
+    assert upstream.last_authorization == "Bearer sk-test-secret"
+
+
+@pytest.mark.parametrize("worker_class", WORKER_CLASSES)
+def test_client_disconnect_closes_the_upstream(serve, upstream, worker_class):
+    """The client leaves while the upstream is silent: the upstream connection is closed."""
+    upstream.tokens, upstream.hang_after = 1000, 3
+    server = relay(serve, upstream, worker_class, IDLE_TIMEOUT_S=600)
+    three_tokens = upstream.expected_text("x", 3)
+    got = read_sse(server.url + "/chat/sse", json_body={"prompt": "x"}, until=lambda got: got.text == three_tokens)
+    upstream.wait_for(lambda: upstream.closed_by_client == 1)
+    wait_for(lambda: server.get("/healthz").json()["streams_in_flight"] == 0, what="the answer to end")
+    conversation = server.get(f"/conversations/{got.events[0]['conversation_id']}").json()
+    assert conversation["messages"][-1]["status"] == "interrupted"
+    assert conversation["messages"][-1]["content"] == three_tokens
+
+
+@pytest.mark.parametrize("worker_class", WORKER_CLASSES)
+def test_silent_upstream_times_out_and_is_closed(serve, upstream, worker_class):
+    upstream.tokens, upstream.hang_after = 1000, 2
+    server = relay(serve, upstream, worker_class, IDLE_TIMEOUT_S=0.5)
+    got = read_sse(server.url + "/chat/sse", json_body={"prompt": "x"})
+    assert got.events[-1]["error"]["code"] == "upstream_timeout"
+    upstream.wait_for(lambda: upstream.closed_by_client == 1)
+
+
+@pytest.mark.parametrize(
+    ("fault", "status", "code"),
+    [(429, 429, "rate_limited"), (500, 503, "upstream_error"), (401, 503, "upstream_error"),
+     (400, 400, "invalid_request")],
+)
+def test_upstream_refusal_is_a_clean_json_error(serve, upstream, fault, status, code):
+    upstream.fail_status = fault
+    server = relay(serve, upstream)
+    response = server.post("/chat/sse", json={"prompt": "x"})
+    assert response.status_code == status
+    assert response.json()["error"]["code"] == code
+    assert SECRET_DETAIL not in response.text and "sk-test-secret" not in response.text
+
+
+def test_one_retry_where_safe(serve, upstream):
+    upstream.fail_status, upstream.fail_times = 503, 1
+    server = relay(serve, upstream)
+    got = read_sse(server.url + "/chat/sse", json_body={"prompt": "again"})
+    assert got.text == upstream.expected_text("again")
+    assert len(upstream.requests) == 2
+
+
+def test_unreachable_upstream_is_503(serve):
+    server = serve(LLM_PROVIDER="openai", OPENAI_BASE_URL=f"http://127.0.0.1:{free_port()}/v1")
+    response = server.post("/chat", json={"prompt": "x"})
+    assert response.status_code == 503
+    assert response.json()["error"]["code"] == "upstream_unavailable"
+
+
+@pytest.mark.parametrize("fault", ["error_after", "malformed_after", "drop_after"])
+def test_upstream_failure_mid_stream(serve, upstream, fault):
+    upstream.tokens = 50
+    setattr(upstream, fault, 4)
+    server = relay(serve, upstream)
+    got = read_sse(server.url + "/chat/sse", json_body={"prompt": "x"})
+    assert got.text == upstream.expected_text("x", 4)
+    assert got.events[-1]["type"] == "error"
+    assert got.events[-1]["error"]["code"] == "upstream_error"
+    assert "boom" not in got.events[-1]["error"]["message"]
+    text = requests.post(server.url + "/chat", json={"prompt": "x"}, timeout=30).text
+    assert text.startswith(upstream.expected_text("x", 4) + "\n[error] upstream_error: ")
+
+
+def test_history_reaches_the_upstream(serve, upstream):
+    upstream.tokens = 6
+    server = relay(serve, upstream)
+    first = read_sse(server.url + "/chat/sse", json_body={"prompt": "one", "system": "be brief"})
+    conversation_id = first.events[0]["conversation_id"]
+    read_sse(server.url + "/chat/sse", json_body={"prompt": "two", "conversation_id": conversation_id})
+    assert upstream.requests[-1]["messages"] == [
+        {"role": "system", "content": "be brief"},
+        {"role": "user", "content": "one"},
+        {"role": "assistant", "content": upstream.expected_text("one")},
+        {"role": "user", "content": "two"},
+    ]
