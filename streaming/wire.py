@@ -98,3 +98,61 @@ class TextFraming:
             elif event["type"] == "error":
                 out.append(f"\n[error] {event['error']['code']}: {event['error']['message']}\n")
         return "".join(out).encode()
+
+
+class OpenAIFraming:
+    """OpenAI's `data: <chat.completion.chunk>` frames, then `data: [DONE]`.
+
+    `start` gives the role chunk, `delta` and `reasoning` give `content` and `reasoning_content`
+    chunks, `done` the chunk with the `finish_reason` (then, when asked, a usage chunk with no
+    choices). An error is `data: {"error": {...}}`, which the SDK raises as `APIError`; it reads
+    nothing after that, so no `[DONE]` follows. Every chunk is the same JSON around a different
+    `delta`: that JSON is built once, at `start`, so that a chunk costs one encoded string.
+    """
+
+    media_type = "text/event-stream"
+    heartbeat = b": ping\n\n"
+
+    def __init__(self, created: int, include_usage: bool = False) -> None:
+        self.created = created
+        self.include_usage = include_usage
+        self._meta: dict = {}
+        self._head = self._tail = ""
+
+    @staticmethod
+    def usage(usage: dict) -> dict:
+        """OpenAI's usage object, from a `done` event's."""
+        return {**usage, "total_tokens": usage["prompt_tokens"] + usage["completion_tokens"]}
+
+    def _chunk(self, delta: str, finish_reason: str = "null") -> str:
+        return f'{self._head}{delta},"logprobs":null,"finish_reason":{finish_reason}{self._tail}'
+
+    def encode(self, events: list[dict], offset: int) -> bytes:
+        out = []
+        for _, event in coalesce(events, offset):
+            kind = event["type"]
+            if kind == "delta":
+                out.append(self._chunk(f'{{"content":{_json(event["text"])}}}'))
+            elif kind == "reasoning":
+                out.append(self._chunk(f'{{"reasoning_content":{_json(event["text"])}}}'))
+            elif kind == "start":
+                self._meta = {
+                    "id": f"chatcmpl-{event['message_id']}",
+                    "object": "chat.completion.chunk",
+                    "created": self.created,
+                    "model": event["model"],
+                }
+                self._head = f'data: {_json(self._meta)[:-1]},"choices":[{{"index":0,"delta":'
+                self._tail = '}],"usage":null}\n\n' if self.include_usage else "}]}\n\n"
+                out.append(self._chunk('{"role":"assistant","content":""}'))
+            elif kind == "done":
+                out.append(self._chunk("{}", _json(event["finish_reason"])))
+                if self.include_usage:
+                    usage = self.usage(event["usage"])
+                    out.append(f"data: {_json({**self._meta, 'choices': [], 'usage': usage})}\n\n")
+                out.append("data: [DONE]\n\n")
+            elif kind == "error":
+                error = event["error"]
+                body = {"message": error["message"], "type": "server_error", "param": None, "code": error["code"]}
+                out.append(f"data: {_json({'error': body})}\n\n")
+        return "".join(out).encode()

@@ -11,6 +11,7 @@ import requests
 from .conftest import WORKER_CLASSES, wait_for
 from .streams import read_raw, read_sse
 
+JSON = {"Content-Type": "application/json"}
 TRICKY = 'line one\n\nline three\rafter a CR data: x\r\n: not a comment\nid: 7 😀 中文 🇫🇷 \u2028 end'
 
 
@@ -135,9 +136,9 @@ def test_bad_input_is_a_json_4xx(serve, worker_class):
         ("GET", "/chat/sse", {"params": {"prompt": "hi", "temperature": "hot"}}, 400),
         ("POST", "/chat/sse", {"json": {"prompt": "hi", "temperature": 9}}, 400),
         ("POST", "/chat/sse", {"json": {"prompt": "hi", "top_k": 3}}, 400),
-        ("POST", "/chat/sse", {"data": "{not json", "headers": {"Content-Type": "application/json"}}, 400),
+        ("POST", "/chat/sse", {"data": "{not json", "headers": JSON}, 400),
         ("POST", "/chat/sse", {"json": ["a list"]}, 400),
-        ("POST", "/chat/blocking", {"data": '{"prompt": "\\ud800"}', "headers": {"Content-Type": "application/json"}}, 400),
+        ("POST", "/chat/blocking", {"data": '{"prompt": "\\ud800"}', "headers": JSON}, 400),
         ("POST", "/chat/sse", {"json": {"prompt": "x" * 3000}}, 413),
         ("GET", "/chat/sse", {"params": {"prompt": "hi", "conversation_id": "nope"}}, 404),
     ]
