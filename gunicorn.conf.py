@@ -14,7 +14,8 @@ settings = Settings.from_env()
 bind = [f"{os.environ.get('HOST', '0.0.0.0')}:{os.environ.get('PORT', '8000')}"]
 worker_class = settings.worker_class
 workers = int(os.environ.get("WEB_CONCURRENCY", "2"))
-threads = int(os.environ.get("THREADS", "32"))  # gthread: streams at once per worker
+# gunicorn turns `sync` into gthread when threads > 1, so only gthread gets more than one.
+threads = int(os.environ.get("THREADS", "32")) if worker_class == "gthread" else 1
 worker_connections = int(os.environ.get("WORKER_CONNECTIONS", "1000"))  # gevent: streams per worker
 # The sync worker heartbeats only between requests: a stream longer than `timeout` would get it
 # killed, so there it must outlast the longest stream. gthread and gevent heartbeat on their own.

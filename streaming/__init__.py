@@ -6,7 +6,7 @@ import logging
 
 from flask import Flask, jsonify
 
-from . import chat, conversations, errors, openai_api
+from . import batch, chat, conversations, errors, openai_api
 from .config import Settings
 from .providers import load_provider
 from .store import open_store
@@ -25,6 +25,7 @@ def create_app(settings: Settings | None = None) -> Flask:
     errors.init_app(app)
     app.register_blueprint(chat.bp)
     app.register_blueprint(conversations.bp)
+    app.register_blueprint(batch.bp)
     app.register_blueprint(openai_api.bp)
 
     @app.get("/healthz")

@@ -26,6 +26,8 @@ class Settings:
     max_prompt_chars: int = 32_000
     max_body_bytes: int = 1_000_000
     history_chars: int = 100_000
+    max_batch: int = 16
+    max_batch_concurrency: int = 8
     demo_ttft_ms: float = 200.0
     demo_tokens_per_s: float = 30.0
     demo_tokens: int = 60

@@ -1,0 +1,272 @@
+"""The OpenAI-compatible API, so that the official SDK and tools built on it are clients too:
+`POST /v1/chat/completions` (streamed or whole) and `GET /v1/models`.
+
+A request maps onto the engine like any other: the last message, which must be the user's, is
+the prompt; system (and `developer`) messages are joined into the system prompt; the user and
+assistant messages before the prompt become the history of a new stored conversation, whose id
+is in the `X-Conversation-Id` header.
+
+What a strict client can rely on:
+- Text only: a message's content is a string or a list of `{"type": "text", "text": ...}` parts
+  (joined with newlines); `name` on a message is ignored; tool calls, images and audio are a 400.
+- Unknown fields are a 400, as at OpenAI. Fields that only tune sampling or label the request
+  are accepted and ignored (`IGNORED`). Fields whose effect the client would miss silently
+  (`n` > 1, `stop`, `tools`, `logprobs`, a JSON `response_format`, ...) are a 400 unless they ask
+  for nothing (`UNSUPPORTED`).
+- `max_completion_tokens` and `max_tokens` are the same limit (giving both, different, is a 400).
+- Errors are `{"error": {"message", "type", "param", "code"}}` with the status that the SDK maps
+  to its exception classes; `code` is this service's stable code. A failure after the stream
+  started is a `data: {"error": ...}` frame (the SDK raises `APIError`) and ends the stream.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+from flask import Blueprint, Response, jsonify, request
+from werkzeug.exceptions import HTTPException
+
+from .engine import Answer
+from .errors import HTTP_CODES, ApiError
+from .params import ChatRequest, invalid, number_field, request_fields, text_field
+from .providers.base import ProviderError
+from .turns import begin_answer, service, streamed
+from .wire import OpenAIFraming
+
+log = logging.getLogger(__name__)
+
+bp = Blueprint("openai_api", __name__, url_prefix="/v1")
+
+SYSTEM_ROLES = ("system", "developer")
+ROLES = (*SYSTEM_ROLES, "user", "assistant")
+IGNORED = frozenset(
+    "user top_p presence_penalty frequency_penalty seed logit_bias metadata store service_tier"
+    " parallel_tool_calls reasoning_effort verbosity prompt_cache_key safety_identifier".split()
+)
+# Accepted only when null or one of these values, which ask for nothing this service lacks.
+UNSUPPORTED: dict[str, tuple] = {
+    "n": (1,),
+    "stop": ("", []),
+    "tools": ([],),
+    "tool_choice": ("none",),
+    "functions": ([],),
+    "function_call": ("none",),
+    "response_format": ({"type": "text"},),
+    "logprobs": (False,),
+    "top_logprobs": (0,),
+    "modalities": (["text"],),
+    "audio": (),
+    "prediction": (),
+    "web_search_options": (),
+}
+FIELDS = frozenset(
+    {"messages", "model", "max_tokens", "max_completion_tokens", "temperature", "stream", "stream_options"}
+)
+_TYPES = {401: "authentication_error", 403: "permission_error", 429: "rate_limit_error"}
+
+
+# -- errors, in OpenAI's shape ------------------------------------------------------------------
+
+
+def openai_error(
+    status: int, code: str, message: str, param: str | None = None, headers: dict | None = None
+) -> Response:
+    error_type = _TYPES.get(status, "invalid_request_error" if status < 500 else "server_error")
+    response = jsonify(error={"message": message, "type": error_type, "param": param, "code": code})
+    response.status_code = status
+    response.headers.update(headers or {})
+    return response
+
+
+def bad(param: str, message: str) -> ApiError:
+    """A 400 about the request field `param`."""
+    exc = invalid(message)
+    exc.param = param
+    return exc
+
+
+@contextmanager
+def about(param: str) -> Iterator[None]:
+    """Name the request field that an `ApiError` raised inside is about (OpenAI's `param`)."""
+    try:
+        yield
+    except ApiError as exc:
+        exc.param = param
+        raise
+
+
+@bp.errorhandler(ApiError)
+def api_error(exc: ApiError) -> Response:
+    return openai_error(exc.status, exc.code, exc.message, getattr(exc, "param", None), exc.headers)
+
+
+@bp.errorhandler(ProviderError)
+def provider_error(exc: ProviderError) -> Response:
+    return openai_error(exc.status, exc.code, exc.message)
+
+
+@bp.errorhandler(HTTPException)
+def http_error(exc: HTTPException) -> Response:
+    status = exc.code or 500
+    code = HTTP_CODES.get(status, "invalid_request" if status < 500 else "internal_error")
+    headers = {name: value for name, value in exc.get_headers() if name == "Allow"}
+    return openai_error(status, code, exc.description or exc.name, headers=headers)
+
+
+@bp.errorhandler(Exception)
+def unexpected(exc: Exception) -> Response:
+    log.exception("unhandled error")
+    return openai_error(500, "internal_error", "the server failed to answer; see its log")
+
+
+@bp.before_app_request
+def unrouted() -> Response | None:
+    """An unknown path or method under /v1 fails before any view, where no blueprint handler is
+    asked: answer it here, in OpenAI's shape too."""
+    exc = request.routing_exception
+    if isinstance(exc, HTTPException) and (exc.code or 0) >= 400 and request.path.startswith(bp.url_prefix + "/"):
+        return http_error(exc)
+    return None
+
+
+# -- the request --------------------------------------------------------------------------------
+
+
+def read_message(message: object) -> dict:
+    """`{"role", "content"}`, the content as one text."""
+    if not isinstance(message, dict):
+        raise invalid("a message must be an object")
+    role = message.get("role")
+    if role not in ROLES:
+        raise invalid(f"a message's 'role' must be one of: {', '.join(ROLES)}")
+    unsupported = sorted(k for k, v in message.items() if k not in ("role", "content", "name") and v not in (None, []))
+    if unsupported:
+        raise invalid(f"unsupported message field(s): {', '.join(unsupported)}")
+    content = message.get("content")
+    if isinstance(content, list):
+        for part in content:
+            if not isinstance(part, dict) or part.get("type") != "text" or part.get("text") is None:
+                raise invalid("only text content parts are supported: {'type': 'text', 'text': ...}")
+        return {"role": role, "content": "\n".join(text_field(part, "text") for part in content)}
+    if not isinstance(content, str):
+        raise invalid("a message's 'content' must be a string or a list of text parts")
+    return {"role": role, "content": text_field(message, "content")}
+
+
+def chat_request(fields: dict, max_prompt_chars: int) -> ChatRequest:
+    """The checked request, mapped onto the engine's."""
+    unknown = sorted(set(fields) - FIELDS - IGNORED - UNSUPPORTED.keys())
+    if unknown:
+        raise invalid(f"unrecognized request argument(s): {', '.join(unknown)}")
+    for name, accepted in UNSUPPORTED.items():
+        if fields.get(name) is not None and fields[name] not in accepted:
+            raise bad(name, f"'{name}' is not supported by this server")
+    messages = fields.get("messages")
+    if not isinstance(messages, list) or not messages:
+        raise bad("messages", "'messages' must be a non-empty list")
+    system, history = [], []
+    for i, message in enumerate(messages):
+        with about(f"messages[{i}]"):
+            message = read_message(message)
+        (system if message["role"] in SYSTEM_ROLES else history).append(message)
+    last = f"messages[{len(messages) - 1}]"
+    if messages[-1]["role"] != "user":
+        raise bad(last, "the last message must be the user's")
+    prompt = history.pop()["content"]
+    if not prompt or len(prompt) > max_prompt_chars:
+        raise bad(last, f"the last message must hold 1 to {max_prompt_chars} characters")
+    system_prompt = "\n\n".join(m["content"] for m in system) or None
+    if system_prompt and len(system_prompt) > max_prompt_chars:
+        raise bad("messages", f"the system messages hold more than {max_prompt_chars} characters")
+    limits = {}
+    for name in ("max_completion_tokens", "max_tokens"):
+        with about(name):
+            limits[name] = number_field(fields, name, int, 1, 1_000_000)
+    if None not in limits.values() and len(set(limits.values())) > 1:
+        raise bad("max_tokens", "give one of 'max_tokens' and 'max_completion_tokens'")
+    with about("temperature"):
+        temperature = number_field(fields, "temperature", float, 0, 2)
+    with about("model"):
+        model = text_field(fields, "model", 200)
+    return ChatRequest(
+        prompt=prompt,
+        model=model,
+        system=system_prompt,
+        max_tokens=limits["max_completion_tokens"] or limits["max_tokens"],
+        temperature=temperature,
+        history=tuple(history),
+    )
+
+
+def stream_options(fields: dict) -> tuple[bool, bool]:
+    """(stream, include_usage)."""
+    stream, options = fields.get("stream"), fields.get("stream_options")
+    if stream is not None and not isinstance(stream, bool):
+        raise bad("stream", "'stream' must be true or false")
+    if options is None:
+        return bool(stream), False
+    if not stream:
+        raise bad("stream_options", "'stream_options' is only allowed when 'stream' is true")
+    if not isinstance(options, dict) or set(options) - {"include_usage", "include_obfuscation"}:
+        raise bad("stream_options", "'stream_options' may hold 'include_usage' (and 'include_obfuscation', ignored)")
+    include_usage = options.get("include_usage")
+    if include_usage is not None and not isinstance(include_usage, bool):
+        raise bad("stream_options.include_usage", "'include_usage' must be true or false")
+    return True, bool(include_usage)
+
+
+# -- the endpoints ------------------------------------------------------------------------------
+
+
+@bp.post("/chat/completions")
+def chat_completions() -> Response:
+    fields = request_fields(request)
+    chat = chat_request(fields, service().settings.max_prompt_chars)
+    stream, include_usage = stream_options(fields)
+    created = int(time.time())
+    answer = begin_answer(chat)
+    if stream:
+        return streamed(answer, OpenAIFraming(created, include_usage))
+    return completion(answer, created)
+
+
+def completion(answer: Answer, created: int) -> Response:
+    """The whole answer as a `chat.completion` object."""
+    events = answer.collect()
+    end = events[-1]
+    if end["type"] == "error":
+        status = 503 if end["error"]["code"].startswith("upstream") else 500
+        raise ApiError(status, end["error"]["code"], end["error"]["message"])
+    message = {"role": "assistant", "content": answer.text}
+    reasoning = "".join(e["text"] for e in events if e["type"] == "reasoning")
+    if reasoning:
+        message["reasoning_content"] = reasoning
+    response = jsonify(
+        id=f"chatcmpl-{answer.message_id}",
+        object="chat.completion",
+        created=created,
+        model=events[0]["model"],
+        choices=[{"index": 0, "message": message, "logprobs": None, "finish_reason": end["finish_reason"]}],
+        usage=OpenAIFraming.usage(end["usage"]),
+    )
+    response.headers.update({"X-Conversation-Id": answer.conversation_id, "X-Message-Id": answer.message_id})
+    return response
+
+
+@bp.get("/models")
+def models() -> Response:
+    return jsonify(object="list", data=[model_object(name) for name in service().provider.models()])
+
+
+@bp.get("/models/<path:name>")
+def model(name: str) -> Response:
+    if name not in service().provider.models():
+        raise ApiError(404, "model_not_found", f"no model named {name!r}")
+    return jsonify(model_object(name))
+
+
+def model_object(name: str) -> dict:
+    return {"id": name, "object": "model", "created": 0, "owned_by": service().provider.name}
