@@ -26,16 +26,6 @@ QUOTE = 'This is turn 2. You said: "say it\nagain 😀\r\n\ndata: [DONE]".'  # t
 HI = [{"role": "user", "content": "hi"}]
 
 
-@pytest.fixture
-def start(serve):
-    """`serve`, but a real sync worker: gunicorn runs `sync` as gthread when THREADS > 1."""
-
-    def start_server(worker_class: str, **env):
-        return serve(worker_class, **({"THREADS": 1} if worker_class == "sync" else {}), **env)
-
-    return start_server
-
-
 def client(server) -> openai.OpenAI:
     return openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0)
 
@@ -64,8 +54,8 @@ def assert_openai_error(body: dict, code: str) -> None:
 
 
 @pytest.mark.parametrize("worker_class", WORKER_CLASSES)
-def test_streamed_text_equals_whole_text(start, worker_class):
-    server = start(worker_class, DEMO_TOKENS=40)
+def test_streamed_text_equals_whole_text(serve, worker_class):
+    server = serve(worker_class, DEMO_TOKENS=40)
     with client(server) as sdk:
         raw = sdk.chat.completions.with_raw_response.create(model="demo", messages=MESSAGES)
         whole = raw.parse()
@@ -110,8 +100,8 @@ def test_streamed_text_equals_whole_text(start, worker_class):
 
 
 @pytest.mark.parametrize("worker_class", WORKER_CLASSES)
-def test_limits_and_harmless_extras(start, worker_class):
-    server = start(worker_class, DEMO_TOKENS=40)
+def test_limits_and_harmless_extras(serve, worker_class):
+    server = serve(worker_class, DEMO_TOKENS=40)
     extras = {"user": "u-1", "top_p": 0.5, "n": 1, "seed": 7, "stop": None, "presence_penalty": 0, "temperature": 0}
     with client(server) as sdk:
         whole = sdk.chat.completions.create(model="demo", messages=HI, max_tokens=5, **extras)
@@ -124,8 +114,8 @@ def test_limits_and_harmless_extras(start, worker_class):
 
 
 @pytest.mark.parametrize("worker_class", WORKER_CLASSES)
-def test_async_client(start, worker_class):
-    server = start(worker_class, DEMO_TOKENS_PER_S=100, DEMO_TOKENS=5000, HEARTBEAT_S=0.2)
+def test_async_client(serve, worker_class):
+    server = serve(worker_class, DEMO_TOKENS_PER_S=100, DEMO_TOKENS=5000, HEARTBEAT_S=0.2)
 
     async def main():
         async with async_client(server) as sdk:
@@ -149,8 +139,8 @@ def test_async_client(start, worker_class):
 
 
 @pytest.mark.parametrize("worker_class", WORKER_CLASSES)
-def test_closing_the_stream_stops_the_answer(start, worker_class):
-    server = start(worker_class, DEMO_TOKENS_PER_S=50, DEMO_TOKENS=5000, HEARTBEAT_S=0.2)
+def test_closing_the_stream_stops_the_answer(serve, worker_class):
+    server = serve(worker_class, DEMO_TOKENS_PER_S=50, DEMO_TOKENS=5000, HEARTBEAT_S=0.2)
     with client(server) as sdk:
         stream = sdk.chat.completions.create(model="demo", messages=HI, stream=True)
         received = [next(stream) for _ in range(4)]
@@ -187,8 +177,8 @@ BAD_REQUESTS = [
 
 
 @pytest.mark.parametrize("worker_class", WORKER_CLASSES)
-def test_bad_input_raises_bad_request_before_any_stream(start, worker_class):
-    server = start(worker_class)
+def test_bad_input_raises_bad_request_before_any_stream(serve, worker_class):
+    server = serve(worker_class)
     with client(server) as sdk:
         for case, param in BAD_REQUESTS:
             for stream in (False, True):
@@ -208,8 +198,8 @@ def test_bad_input_raises_bad_request_before_any_stream(start, worker_class):
 
 
 @pytest.mark.parametrize("worker_class", WORKER_CLASSES)
-def test_http_errors_in_openai_shape(start, worker_class):
-    server = start(worker_class, MAX_BODY_BYTES=2000)
+def test_http_errors_in_openai_shape(serve, worker_class):
+    server = serve(worker_class, MAX_BODY_BYTES=2000)
     with client(server) as sdk:
         with pytest.raises(openai.NotFoundError) as info:
             sdk.get("/no/such/path", cast_to=object)
@@ -242,8 +232,8 @@ def test_http_errors_in_openai_shape(start, worker_class):
 
 
 @pytest.mark.parametrize("worker_class", WORKER_CLASSES)
-def test_failure_mid_stream_raises_api_error(start, worker_class):
-    server = start(worker_class, DEMO_FAIL_AFTER=3)
+def test_failure_mid_stream_raises_api_error(serve, worker_class):
+    server = serve(worker_class, DEMO_FAIL_AFTER=3)
     seen = []
     with client(server) as sdk:
         with pytest.raises(openai.APIError) as info:
@@ -261,8 +251,8 @@ def test_failure_mid_stream_raises_api_error(start, worker_class):
 
 
 @pytest.mark.parametrize("worker_class", WORKER_CLASSES)
-def test_timeout_mid_stream_after_heartbeats(start, worker_class):
-    server = start(worker_class, DEMO_HANG_AFTER=3, IDLE_TIMEOUT_S=0.5, HEARTBEAT_S=0.2)
+def test_timeout_mid_stream_after_heartbeats(serve, worker_class):
+    server = serve(worker_class, DEMO_HANG_AFTER=3, IDLE_TIMEOUT_S=0.5, HEARTBEAT_S=0.2)
     with client(server) as sdk:
         with pytest.raises(openai.APIError) as info:
             list(sdk.chat.completions.create(model="demo", messages=HI, stream=True))
@@ -279,10 +269,10 @@ def test_timeout_mid_stream_after_heartbeats(start, worker_class):
 
 
 @pytest.mark.parametrize("worker_class", WORKER_CLASSES)
-def test_chained_through_the_openai_provider(start, tmp_path, worker_class):
+def test_chained_through_the_openai_provider(serve, tmp_path, worker_class):
     """A serves with the `openai` provider pointed at B's /v1: the SDK, A, A's SDK, B and back."""
-    b = start("gevent", db=tmp_path / "b.db", DEMO_TOKENS_PER_S=50, DEMO_TOKENS=2000)
-    a = start(
+    b = serve("gevent", db=tmp_path / "b.db", DEMO_TOKENS_PER_S=50, DEMO_TOKENS=2000)
+    a = serve(
         worker_class,
         db=tmp_path / "a.db",
         LLM_PROVIDER="openai",
@@ -318,11 +308,11 @@ def test_chained_through_the_openai_provider(start, tmp_path, worker_class):
     assert turn["status"] == "interrupted" and turn["content"].startswith(text_of(received))
 
 
-def test_reasoning_streams_apart(start):
+def test_reasoning_streams_apart(serve):
     """Reasoning that an upstream streams apart comes out as `reasoning_content`, as it went in."""
     with FakeUpstream() as up:
         up.tokens, up.reasoning_tokens = 6, 2
-        server = start("gevent", LLM_PROVIDER="openai", OPENAI_BASE_URL=up.base_url, LLM_MODEL="fake-model")
+        server = serve("gevent", LLM_PROVIDER="openai", OPENAI_BASE_URL=up.base_url, LLM_MODEL="fake-model")
         with client(server) as sdk:
             chunks = list(sdk.chat.completions.create(model="fake-model", messages=HI, stream=True))
             whole = sdk.chat.completions.create(model="fake-model", messages=HI)
