@@ -1,13 +1,20 @@
 """gunicorn settings from the environment (12-factor): `gunicorn -c gunicorn.conf.py app:app`.
 
-Imports here reach the master process, before gevent patches a worker, so nothing that gevent
-must patch first (the OpenAI SDK, httpx2) is imported: `streaming.config` uses only `os`.
-Never `--preload` with gevent.
+Imports here reach the master process, before gevent patches a worker. Importing `streaming`
+brings in Flask and prometheus_client (gunicorn has imported `ssl` and `socket` there itself);
+the OpenAI SDK and httpx2, which gevent must patch first, are imported only in the workers, by
+`create_app()`. Never `--preload` with gevent.
 """
 
 import os
+import tempfile
 
-from streaming.config import Settings
+# Prometheus multiprocess mode: every worker writes its samples to one fresh directory, which
+# must be named before anything imports prometheus_client (importing `streaming` does).
+if not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="streaming-metrics-")
+
+from streaming.config import Settings  # noqa: E402
 
 settings = Settings.from_env()
 
@@ -20,6 +27,47 @@ worker_connections = int(os.environ.get("WORKER_CONNECTIONS", "1000"))  # gevent
 # The sync worker heartbeats only between requests: a stream longer than `timeout` would get it
 # killed, so there it must outlast the longest stream. gthread and gevent heartbeat on their own.
 timeout = int(settings.max_stream_s + 30) if worker_class == "sync" else 30
-graceful_timeout = int(os.environ.get("GRACEFUL_TIMEOUT_S", "30"))
+graceful_timeout = int(settings.graceful_timeout_s)
 keepalive = 5
 accesslog = "-"
+
+
+def on_starting(server):
+    """Samples left by an earlier run would be counted again: start from an empty directory."""
+    directory = os.environ["PROMETHEUS_MULTIPROC_DIR"]
+    os.makedirs(directory, exist_ok=True)
+    for name in os.listdir(directory):
+        os.remove(os.path.join(directory, name))
+
+
+def child_exit(server, worker):
+    from prometheus_client import multiprocess
+
+    multiprocess.mark_process_dead(worker.pid)
+
+
+def post_worker_init(worker):
+    """On SIGTERM (a dyno restart) gunicorn stops accepting and lets requests finish for
+    `graceful_timeout` seconds before it kills the worker. Streams still running a moment before
+    that are ended with an `error` event (code `shutdown`) and saved as interrupted, so that
+    nothing is lost and no worker is killed mid-write."""
+    import signal
+    import threading
+
+    service = worker.wsgi.extensions["streaming"]
+    gunicorn_handler = signal.getsignal(signal.SIGTERM)
+    deadline = max(graceful_timeout - 2, graceful_timeout / 2)
+
+    def end_streams():
+        service.stop_all("shutdown", "the server is restarting; please retry", wait_s=1)
+
+    def on_sigterm(signum, frame):
+        if worker_class == "gevent":  # the handler runs in the event loop: it must not block
+            import gevent
+
+            gevent.spawn_later(deadline, end_streams)
+        else:
+            threading.Timer(deadline, end_streams).start()
+        gunicorn_handler(signum, frame)
+
+    signal.signal(signal.SIGTERM, on_sigterm)

@@ -6,7 +6,7 @@ import logging
 
 from flask import Flask, jsonify
 
-from . import batch, chat, conversations, errors, openai_api
+from . import auth, batch, chat, conversations, errors, metrics, openai_api, ui
 from .config import Settings
 from .providers import load_provider
 from .store import open_store
@@ -23,16 +23,20 @@ def create_app(settings: Settings | None = None) -> Flask:
         settings=settings, provider=load_provider(settings), store=open_store(settings, app.instance_path)
     )
     errors.init_app(app)
+    auth.init_app(app, settings.api_keys)
+    metrics.init_app(app)
     app.register_blueprint(chat.bp)
     app.register_blueprint(conversations.bp)
     app.register_blueprint(batch.bp)
     app.register_blueprint(openai_api.bp)
+    app.register_blueprint(ui.bp)
 
     @app.get("/healthz")
     def healthz():
         svc = service()
         return jsonify(
             status="ok",
+            auth=app.config["AUTH"],
             provider=svc.provider.name,
             model=svc.provider.default_model,
             store=type(svc.store).__name__,

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 
-from flask import Blueprint, Response, jsonify, request
+from flask import Blueprint, Response, g, jsonify, request
 
 from .errors import ApiError
 from .params import parse_chat_request, request_fields
@@ -41,9 +41,9 @@ def resume(last_event_id: str, retry_ms: int) -> Response:
         return Response(status=204)
     svc, offset = service(), int(seq) + 1
     answer = svc.live.get(message_id)
-    if answer is not None:
+    if answer is not None and answer.context["key_id"] == g.key_id:
         return streamed(answer, SSEFraming(message_id, retry_ms), offset)
-    stored = svc.store.message(message_id)
+    stored = svc.store.message(message_id, g.key_id)
     if stored is None or not stored["events"]:
         return Response(status=204)
     events = json.loads(stored["events"])[offset:]

@@ -28,6 +28,10 @@ class Settings:
     history_chars: int = 100_000
     max_batch: int = 16
     max_batch_concurrency: int = 8
+    api_keys: str = ""  # comma-separated; empty: open, for local use
+    max_streams_per_key: int = 32
+    max_streams_per_worker: int = 1000
+    graceful_timeout_s: float = 30.0
     demo_ttft_ms: float = 200.0
     demo_tokens_per_s: float = 30.0
     demo_tokens: int = 60

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from flask import Blueprint, jsonify, request
+from flask import Blueprint, g, jsonify, request
 
 from .errors import ApiError
 from .params import number_field
@@ -15,14 +15,14 @@ bp = Blueprint("conversations", __name__, url_prefix="/conversations")
 def list_conversations():
     limit = number_field(request.args, "limit", int, 1, 200) or 20
     before = number_field(request.args, "before", float, 0, float("inf"))
-    items = service().store.conversations(limit, before)
+    items = service().store.conversations(limit, before, g.key_id)
     next_before = items[-1]["updated_at"] if len(items) == limit else None
     return jsonify(conversations=items, next_before=next_before)
 
 
 @bp.get("/<conversation_id>")
 def get_conversation(conversation_id: str):
-    conversation = service().store.conversation(conversation_id)
+    conversation = service().store.conversation(conversation_id, g.key_id)
     if conversation is None:
         raise ApiError(404, "not_found", "no such conversation")
     return jsonify(conversation)
@@ -30,6 +30,6 @@ def get_conversation(conversation_id: str):
 
 @bp.delete("/<conversation_id>")
 def delete_conversation(conversation_id: str):
-    if not service().store.delete(conversation_id):
+    if not service().store.delete(conversation_id, g.key_id):
         raise ApiError(404, "not_found", "no such conversation")
     return "", 204

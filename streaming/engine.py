@@ -43,12 +43,16 @@ class Answer:
         model: str,
         settings: Settings,
         on_end: Callable[[Answer, list[dict]], None] | None = None,
+        context: dict | None = None,
     ) -> None:
         self.reply = reply
         self.message_id = message_id
         self.conversation_id = conversation_id
         self.settings = settings
         self.on_end = on_end
+        self.context = context or {}  # who asked, for logs and ownership; the engine ignores it
+        self.heartbeats = 0
+        self.saved = threading.Event()  # set once the producer has ended and the turn is saved
         self.started = time.monotonic()
         self.first_token_at: float | None = None
         self.last_upstream_at = self.started
@@ -104,6 +108,7 @@ class Answer:
                 log.exception("saving the turn failed")
         if not self.ended:
             self._end(terminal)
+        self.saved.set()
 
     def _append(self, event: dict) -> None:
         now = time.monotonic()
@@ -131,12 +136,16 @@ class Answer:
             "finish_reason": self.finish_reason or "stop",
             "usage": usage,
             "ttft_ms": self.ttft_ms,
-            "duration_ms": round((time.monotonic() - self.started) * 1000),
+            "duration_ms": self.duration_ms,
         }
 
     @property
     def ttft_ms(self) -> int | None:
         return None if self.first_token_at is None else round((self.first_token_at - self.started) * 1000)
+
+    @property
+    def duration_ms(self) -> int:
+        return round(((self.ended_at if self.ended else time.monotonic()) - self.started) * 1000)
 
     @property
     def text(self) -> str:
@@ -247,6 +256,7 @@ def frames(
         elif client_gone is not None and client_gone():
             return
         elif framing.heartbeat:
+            answer.heartbeats += 1
             yield framing.heartbeat
 
 

@@ -1,26 +1,40 @@
 """Starting an answer for a chat request, and turning it into a streamed response.
 
-Shared by every endpoint: the request is checked, the turn recorded, the provider asked (an
+Shared by every endpoint: the limits are checked, the turn recorded, the provider asked (an
 upstream that refuses answers with a JSON error here, before any stream starts), and the answer's
-producer started. When the answer ends, the turn is saved with its outcome.
+producer started. When the answer ends, the turn is saved with its outcome, one log line is
+written and the metrics are updated.
 """
 
 from __future__ import annotations
 
+import json
+import logging
+import sys
 import uuid
 from dataclasses import dataclass, field
 
-from flask import Response, current_app, request, stream_with_context
+from flask import Response, current_app, g, request, stream_with_context
 
+from . import metrics
 from .config import Settings
 from .engine import INTERRUPTED, Answer, frames, peer_closed
 from .errors import ApiError
 from .params import ChatRequest
 from .providers.base import Provider, ProviderError
-from .store import ConversationBusy, ConversationNotFound, Store
+from .store import ConversationBusy, ConversationNotFound, Store, TooManyStreams
 from .wire import Framing
 
 STREAM_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+SHUTDOWN = "shutdown"
+
+stream_log = logging.getLogger("streaming.streams")
+if not stream_log.handlers:  # one JSON line per stream, to stdout as Heroku expects
+    _handler = logging.StreamHandler(sys.stdout)
+    _handler.setFormatter(logging.Formatter("%(message)s"))
+    stream_log.addHandler(_handler)
+    stream_log.setLevel(logging.INFO)
+    stream_log.propagate = False
 
 
 @dataclass
@@ -32,23 +46,41 @@ class Service:
     store: Store
     live: dict[str, Answer] = field(default_factory=dict)
 
+    def stop_all(self, code: str, message: str, wait_s: float) -> None:
+        """End every answer in flight (a worker shutting down) and wait for their turns to be saved."""
+        answers = list(self.live.values())
+        for answer in answers:
+            answer.stop(code, message)
+        for answer in answers:
+            answer.saved.wait(wait_s)
+
 
 def service() -> Service:
     return current_app.extensions["streaming"]
 
 
+def too_many(message: str) -> ApiError:
+    return ApiError(429, "too_many_streams", message, {"Retry-After": "1"})
+
+
 def begin_answer(chat: ChatRequest) -> Answer:
-    svc = service()
+    svc, settings = service(), service().settings
+    if len(svc.live) >= settings.max_streams_per_worker:
+        raise too_many(f"this worker is at its limit of {settings.max_streams_per_worker} streams")
     message_id = uuid.uuid4().hex
     model = chat.model or svc.provider.default_model
+    context = {"request_id": g.request_id, "key_id": g.key_id, "endpoint": request.path}
     try:
         conversation_id, messages = svc.store.begin_turn(
-            chat.conversation_id, message_id, chat.prompt, chat.system, model, chat.history
+            chat.conversation_id, message_id, chat.prompt, chat.system, model, chat.history,
+            owner=g.key_id, max_streams=settings.max_streams_per_key,
         )
     except ConversationNotFound:
         raise ApiError(404, "not_found", "no such conversation") from None
     except ConversationBusy:
         raise ApiError(409, "conversation_busy", "an answer is still streaming in this conversation") from None
+    except TooManyStreams:
+        raise too_many(f"this API key has {settings.max_streams_per_key} streams open already") from None
     try:
         reply = svc.provider.stream(messages, {"model": model, **chat.provider_params()})
     except ProviderError as exc:
@@ -59,20 +91,35 @@ def begin_answer(chat: ChatRequest) -> Answer:
         message_id=message_id,
         conversation_id=conversation_id,
         model=model,
-        settings=svc.settings,
+        settings=settings,
         on_end=lambda answer, events: save_turn(svc, answer, events),
+        context=context,
     )
     svc.live[message_id] = answer
+    metrics.stream_started(context["endpoint"])
     return answer.start()
 
 
 def save_turn(svc: Service, answer: Answer, events: list[dict]) -> None:
+    code = answer.error and answer.error["code"]
+    status = "complete" if code is None else "interrupted" if code in (INTERRUPTED, SHUTDOWN) else "error"
     try:
-        code = answer.error and answer.error["code"]
-        status = "complete" if code is None else "interrupted" if code in (INTERRUPTED, "shutdown") else "error"
         svc.store.end_turn(answer.message_id, status, events, code)
     finally:
         svc.live.pop(answer.message_id, None)
+        tokens = sum(1 for e in events if e["type"] == "delta")
+        duration_ms = answer.duration_ms
+        metrics.stream_ended(status, code, answer.ttft_ms, duration_ms, tokens, answer.heartbeats)
+        stream_log.info(json.dumps({
+            **answer.context,
+            "conversation_id": answer.conversation_id,
+            "message_id": answer.message_id,
+            "outcome": status,
+            "error_code": code,
+            "ttft_ms": answer.ttft_ms,
+            "tokens": tokens,
+            "duration_ms": duration_ms,
+        }))
 
 
 def streamed(answer: Answer, framing: Framing, offset: int = 0) -> Response:

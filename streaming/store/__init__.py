@@ -21,6 +21,10 @@ class ConversationBusy(Exception):
     pass
 
 
+class TooManyStreams(Exception):
+    pass
+
+
 class Store(Protocol):
     def begin_turn(
         self,
@@ -30,22 +34,26 @@ class Store(Protocol):
         system: str | None,
         model: str,
         history: tuple[dict, ...] = (),
+        owner: str = "",
+        max_streams: int | None = None,
     ) -> tuple[str, list[dict]]:
         """Record the user's message and a `streaming` placeholder for the answer; return the
         conversation id (a new one when None) and the messages to send: system first, then the
         earlier turns as `{"role", "content"}` dicts, then this prompt. `history` (earlier
-        messages the client sent itself) starts a new conversation with those turns."""
+        messages the client sent itself) starts a new conversation with those turns. Only the
+        `owner`'s conversations are seen; TooManyStreams when the owner already has
+        `max_streams` answers streaming (across every worker: the rows are the count)."""
 
     def end_turn(self, message_id: str, status: str, events: list[dict], error_code: str | None) -> None:
         """Complete the assistant's row from the answer's event log."""
 
-    def message(self, message_id: str) -> dict | None: ...
+    def message(self, message_id: str, owner: str = "") -> dict | None: ...
 
-    def conversation(self, conversation_id: str) -> dict | None: ...
+    def conversation(self, conversation_id: str, owner: str = "") -> dict | None: ...
 
-    def conversations(self, limit: int, before: float | None) -> list[dict]: ...
+    def conversations(self, limit: int, before: float | None, owner: str = "") -> list[dict]: ...
 
-    def delete(self, conversation_id: str) -> bool: ...
+    def delete(self, conversation_id: str, owner: str = "") -> bool: ...
 
 
 def open_store(settings: Settings, instance_path: str) -> Store:

@@ -16,7 +16,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 
 from ..config import Settings
-from . import ConversationBusy, ConversationNotFound
+from . import ConversationBusy, ConversationNotFound, TooManyStreams
 
 SCHEMA = [
     # version 1
@@ -45,6 +45,11 @@ SCHEMA = [
     );
     CREATE INDEX messages_by_conversation ON messages (conversation_id, created_at);
     CREATE INDEX conversations_by_update ON conversations (updated_at);
+    """,
+    # version 2: conversations belong to the API key that made them ('' when the service is open)
+    """
+    ALTER TABLE conversations ADD COLUMN owner TEXT NOT NULL DEFAULT '';
+    CREATE INDEX conversations_by_owner ON conversations (owner, updated_at);
     """,
 ]
 
@@ -108,14 +113,24 @@ class SQLiteStore:
         system: str | None,
         model: str,
         history: tuple[dict, ...] = (),
+        owner: str = "",
+        max_streams: int | None = None,
     ) -> tuple[str, list[dict]]:
         now = time.time()
         with self.connect() as db:
+            if max_streams is not None:
+                streaming = db.execute(
+                    "SELECT count(*) FROM messages m JOIN conversations c ON c.id = m.conversation_id"
+                    " WHERE c.owner = ? AND m.status = 'streaming' AND m.created_at >= ?",
+                    (owner, now - self.stale_after_s),
+                ).fetchone()[0]
+                if streaming >= max_streams:
+                    raise TooManyStreams(owner)
             if conversation_id is None:
                 conversation_id = uuid.uuid4().hex
                 db.execute(
-                    "INSERT INTO conversations (id, system, created_at, updated_at) VALUES (?, ?, ?, ?)",
-                    (conversation_id, system, now, now),
+                    "INSERT INTO conversations (id, system, owner, created_at, updated_at) VALUES (?, ?, ?, ?, ?)",
+                    (conversation_id, system, owner, now, now),
                 )
                 db.executemany(
                     "INSERT INTO messages (id, conversation_id, role, content, status, created_at)"
@@ -124,7 +139,9 @@ class SQLiteStore:
                 )
                 earlier = [{"role": m["role"], "content": m["content"]} for m in history]
             else:
-                row = db.execute("SELECT system FROM conversations WHERE id = ?", (conversation_id,)).fetchone()
+                row = db.execute(
+                    "SELECT system FROM conversations WHERE id = ? AND owner = ?", (conversation_id, owner)
+                ).fetchone()
                 if row is None:
                     raise ConversationNotFound(conversation_id)
                 system = system if system is not None else row["system"]
@@ -188,14 +205,20 @@ class SQLiteStore:
                 ),
             )
 
-    def message(self, message_id: str) -> dict | None:
+    def message(self, message_id: str, owner: str = "") -> dict | None:
         with self.connect() as db:
-            row = db.execute("SELECT * FROM messages WHERE id = ?", (message_id,)).fetchone()
+            row = db.execute(
+                "SELECT m.* FROM messages m JOIN conversations c ON c.id = m.conversation_id"
+                " WHERE m.id = ? AND c.owner = ?",
+                (message_id, owner),
+            ).fetchone()
         return None if row is None else dict(row)
 
-    def conversation(self, conversation_id: str) -> dict | None:
+    def conversation(self, conversation_id: str, owner: str = "") -> dict | None:
         with self.connect() as db:
-            row = db.execute("SELECT * FROM conversations WHERE id = ?", (conversation_id,)).fetchone()
+            row = db.execute(
+                "SELECT * FROM conversations WHERE id = ? AND owner = ?", (conversation_id, owner)
+            ).fetchone()
             if row is None:
                 return None
             turns = db.execute(
@@ -211,16 +234,18 @@ class SQLiteStore:
             messages.append(message)
         return {**dict(row), "messages": messages}
 
-    def conversations(self, limit: int, before: float | None) -> list[dict]:
+    def conversations(self, limit: int, before: float | None, owner: str = "") -> list[dict]:
         with self.connect() as db:
             rows = db.execute(
                 "SELECT c.*, (SELECT content FROM messages m WHERE m.conversation_id = c.id AND m.role = 'user'"
                 " ORDER BY created_at, rowid LIMIT 1) AS title FROM conversations c"
-                " WHERE c.updated_at < ? ORDER BY c.updated_at DESC LIMIT ?",
-                (before if before is not None else float("inf"), limit),
+                " WHERE c.owner = ? AND c.updated_at < ? ORDER BY c.updated_at DESC LIMIT ?",
+                (owner, before if before is not None else float("inf"), limit),
             ).fetchall()
         return [dict(r) for r in rows]
 
-    def delete(self, conversation_id: str) -> bool:
+    def delete(self, conversation_id: str, owner: str = "") -> bool:
         with self.connect() as db:
-            return db.execute("DELETE FROM conversations WHERE id = ?", (conversation_id,)).rowcount > 0
+            return db.execute(
+                "DELETE FROM conversations WHERE id = ? AND owner = ?", (conversation_id, owner)
+            ).rowcount > 0
