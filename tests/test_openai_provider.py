@@ -65,6 +65,10 @@ def test_silent_upstream_times_out_and_is_closed(serve, upstream, worker_class):
     got = read_sse(server.url + "/chat/sse", json_body={"prompt": "x"})
     assert got.events[-1]["error"]["code"] == "upstream_timeout"
     upstream.wait_for(lambda: upstream.closed_by_client == 1)
+    conversation_id = got.events[0]["conversation_id"]
+    turn = wait_for(lambda: (m := server.get(f"/conversations/{conversation_id}").json()["messages"][-1])
+                    and m["status"] != "streaming" and m, what="the turn to be saved")
+    assert (turn["status"], turn["error_code"], turn["content"]) == ("error", "upstream_timeout", got.text)
 
 
 @pytest.mark.parametrize(
@@ -106,6 +110,9 @@ def test_upstream_failure_mid_stream(serve, upstream, fault):
     assert got.events[-1]["type"] == "error"
     assert got.events[-1]["error"]["code"] == "upstream_error"
     assert "boom" not in got.events[-1]["error"]["message"]
+    turn = server.get(f"/conversations/{got.events[0]['conversation_id']}").json()["messages"][-1]
+    assert (turn["status"], turn["error_code"]) == ("error", "upstream_error")
+    assert turn["content"] == upstream.expected_text("x", 4)  # the partial answer is kept
     text = requests.post(server.url + "/chat", json={"prompt": "x"}, timeout=30).text
     assert text.startswith(upstream.expected_text("x", 4) + "\n[error] upstream_error: ")
 

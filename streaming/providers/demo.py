@@ -25,6 +25,7 @@ _WORDS = (
     "exist and every reader tails the same log so nothing waits for the whole answer"
 ).split()
 _HANZI = "流式输出让用户立刻看到回答的每一个字而不必等待全部生成完成"
+_SHORT_PAUSE_S = 0.05  # pauses up to this long sleep; longer ones wait on close()
 
 
 def tokenize(text: str) -> list[str]:
@@ -66,7 +67,14 @@ class DemoReply:
             if i == s.demo_hang_after:
                 self._closed.wait()
             delay = start + i * gap - time.monotonic()
-            if (delay > 0 and self._closed.wait(delay)) or self._closed.is_set():
+            if delay > 0:
+                # A pause between tokens is a plain sleep: under gevent a timed Event.wait costs a
+                # Timeout that fires as an exception, on every token. A close is seen right after.
+                if delay <= _SHORT_PAUSE_S:
+                    time.sleep(delay)
+                elif self._closed.wait(delay):
+                    return
+            if self._closed.is_set():
                 return
             yield token
         yield Usage(self.prompt_tokens, len(self.tokens))
