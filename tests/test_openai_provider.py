@@ -129,3 +129,21 @@ def test_history_reaches_the_upstream(serve, upstream):
         {"role": "assistant", "content": upstream.expected_text("one")},
         {"role": "user", "content": "two"},
     ]
+
+
+def test_history_is_trimmed_oldest_first_keeping_the_system_prompt(serve, upstream):
+    upstream.tokens = 3  # "echo: <prompt>" cut to three tokens: about 15 characters an answer
+    server = relay(serve, upstream, HISTORY_CHARS=40)
+    conversation_id = None
+    for prompt in ("first old turn", "second turn", "third turn", "fourth"):
+        body = {"prompt": prompt, "system": "stay brief"} if conversation_id is None else {
+            "prompt": prompt, "conversation_id": conversation_id}
+        got = read_sse(server.url + "/chat/sse", json_body=body)
+        conversation_id = got.events[0]["conversation_id"]
+    sent = upstream.requests[-1]["messages"]
+    assert sent[0] == {"role": "system", "content": "stay brief"}
+    assert sent[-1] == {"role": "user", "content": "fourth"}
+    earlier = sent[1:-1]
+    assert earlier and sum(len(m["content"]) for m in earlier) <= 40
+    assert {"role": "user", "content": "first old turn"} not in earlier  # the oldest went first
+    assert earlier[-1] == {"role": "assistant", "content": upstream.expected_text("third turn")}
