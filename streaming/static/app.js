@@ -202,12 +202,14 @@ class Reply {
     this.note.textContent = parts.join(" · ");
   }
 
-  stop() {
+  stop(label = "Stopped") {
+    if (this.ended) return; // Stop pressed just as the answer ended: it stays done
     this.setState("stopped");
-    this.note.textContent = "Stopped";
+    this.note.textContent = label;
   }
 
   fail(error) {
+    if (this.ended) return;
     this.setState("error");
     const code = error.code || "network_error";
     const box = el("div", "error", `${code}: ${error.message || "the answer failed"}`);
@@ -221,10 +223,17 @@ function showStored(message) {
   if (message.role === "user") return addUserMessage(message.content);
   const reply = new Reply();
   if (message.content) reply.addText(message.content);
-  if (message.status === "complete") reply.finish(message.usage, message.duration_ms);
-  else if (message.status === "interrupted") reply.stop();
-  else if (message.status === "error") reply.fail({ code: message.error_code, message: "the answer failed" });
-  else reply.note.textContent = "Still being written…";
+  if (message.status === "complete") {
+    reply.finish(message.usage, message.duration_ms);
+  } else if (message.status === "interrupted") {
+    // Stopped by its reader ("interrupted"), or cut short by a server restart ("shutdown", "lost").
+    reply.stop(message.error_code === "interrupted" ? "Stopped" : "Interrupted");
+  } else if (message.status === "error") {
+    reply.fail({ code: message.error_code, message: "the answer failed" });
+  } else {
+    reply.setState("streaming");
+    reply.note.textContent = "Still being written…";
+  }
 }
 
 // --- chatting -------------------------------------------------------------------------------
@@ -361,13 +370,19 @@ async function loadAuthMode() {
 function setUpKeyField() {
   const input = $("api-key");
   input.value = localStorage.getItem(KEY_STORAGE) || "";
-  input.addEventListener("change", () => {
+  const save = () => {
     const key = input.value.trim();
+    if (key === (localStorage.getItem(KEY_STORAGE) || "")) return;
     if (key) localStorage.setItem(KEY_STORAGE, key);
     else localStorage.removeItem(KEY_STORAGE);
     // Conversations belong to a key: another key sees other ones.
     newChat();
     loadConversations();
+  };
+  input.addEventListener("change", save);
+  $("key-form").addEventListener("submit", (event) => {
+    event.preventDefault();
+    save();
   });
 }
 
