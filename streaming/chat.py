@@ -37,7 +37,7 @@ def resume(last_event_id: str, retry_ms: int) -> Response:
     """A reconnect never starts a second answer: it tails the live answer from where the client
     left, replays the rest of an ended one, or gets 204 (which tells EventSource to stop)."""
     message_id, _, seq = last_event_id.partition(":")
-    if not seq.isdigit():
+    if not (seq.isascii() and seq.isdigit()) or len(seq) > 18:
         return Response(status=204)
     svc, offset = service(), int(seq) + 1
     answer = svc.live.get(message_id)

@@ -37,7 +37,10 @@ def request_fields(request: Request) -> dict:
     """The request's fields: query parameters for GET, the JSON object for POST."""
     if request.method == "GET":
         return request.args.to_dict()
-    body = request.get_json(silent=True)
+    try:
+        body = request.get_json(silent=True)
+    except RecursionError:  # `silent` covers ValueError only; a deeply nested body is bad input too
+        body = None
     if not isinstance(body, dict):
         raise invalid("the body must be a JSON object (Content-Type: application/json)")
     return body
