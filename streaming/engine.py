@@ -10,9 +10,11 @@ is stopped: the reply is closed, which releases the upstream, and the producer e
 
 from __future__ import annotations
 
+import _thread
 import logging
 import select
 import socket
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -71,7 +73,7 @@ class Answer:
     # -- the producer ---------------------------------------------------------------------
 
     def start(self) -> Answer:
-        threading.Thread(target=self._produce, name=f"answer-{self.message_id}", daemon=True).start()
+        start_thread(self._produce, f"answer-{self.message_id}")
         return self
 
     def _produce(self) -> None:
@@ -205,6 +207,18 @@ class Answer:
     def collect(self) -> list[dict]:
         """Every event, once the answer has ended (for the blocking endpoint)."""
         return [event for batch in tail_events(self) for event in batch]
+
+
+def start_thread(target: Callable[[], None], name: str) -> None:
+    """Run `target` in a daemon thread. Under gevent it is a greenlet started without
+    `Thread.start()`'s handshake: waiting for the new thread to say it runs switches to the hub,
+    which lets every other request run first, so no response's first byte went out before all
+    the requests that arrived with it had been set up."""
+    monkey = sys.modules.get("gevent.monkey")
+    if monkey is not None and monkey.is_module_patched("threading"):
+        _thread.start_new_thread(target, ())
+    else:
+        threading.Thread(target=target, name=name, daemon=True).start()
 
 
 def tail_events(answer: Answer, offset: int = 0, heartbeat_s: float | None = None) -> Iterator[list[dict]]:

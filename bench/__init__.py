@@ -1,0 +1,1 @@
+"""Benchmarks: `python -m bench` (the suite) or `python -m bench --quick`."""

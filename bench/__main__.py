@@ -1,0 +1,58 @@
+"""`python -m bench` runs the suite (about 10 minutes); `--quick` a short version (about 2).
+
+`--only p1,p2` picks measures; `--before DIR` adds another checkout of the service (e.g. an older
+commit, from `git worktree add`) to P1 and P2, side by side in the same run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import subprocess
+import time
+from pathlib import Path
+
+from . import server
+from .measures import MEASURES
+from .report import p4_chart, table
+
+
+def machine() -> str:
+    cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")), "?")
+    cores = subprocess.run(["nproc"], capture_output=True, text=True).stdout.strip()
+    return f"{cores} cores ({cpu}), Python {platform.python_version()}, {platform.system()} {platform.release()}"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
+    parser.add_argument("--quick", action="store_true", help="a short version of each measure")
+    parser.add_argument("--only", help="comma-separated: " + ",".join(MEASURES))
+    parser.add_argument("--before", type=Path, help="another checkout of the service to compare in P1 and P2")
+    parser.add_argument("--chart", type=Path, help="where to write the P4 chart (default docs/performance.png)")
+    parser.add_argument("--json", type=Path, help="write every row as JSON here")
+    parser.add_argument("--markdown", action="store_true", help="print tables as Markdown")
+    args = parser.parse_args()
+    names = args.only.split(",") if args.only else [n for n in MEASURES if not (args.quick and n == "p2-10k")]
+    limit = server.raise_nofile()
+    print(f"machine: {machine()}; open files: {limit}", flush=True)
+    results = {}
+    for name in names:
+        title, measure = MEASURES[name]
+        start = time.monotonic()
+        rows = results[name] = measure(args.quick, args.before)
+        print(f"\n## {title} ({time.monotonic() - start:.0f} s)\n\n{table(rows, args.markdown)}", flush=True)
+        if name == "p4":
+            chart = args.chart or (
+                Path("/tmp/bench-p4.png") if args.quick else server.ROOT / "docs" / "performance.png"
+            )
+            p4_chart(rows, chart)
+            print(f"\nchart: {chart}")
+    if args.json:
+        args.json.write_text(
+            json.dumps({"machine": machine(), "quick": args.quick, "results": results}, indent=1, default=str)
+        )
+
+
+if __name__ == "__main__":
+    main()

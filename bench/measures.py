@@ -1,0 +1,234 @@
+"""The four measures (P1-P4), each a function that starts its servers, runs its load and returns rows.
+
+A row is a dict of column -> value; `bench.report` prints them. Percentiles are of all streams:
+a stream that never got its first byte counts as infinitely late.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import time
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+
+from . import server as srv
+from .load import Stream, run_load, running_at_once
+
+SSE = "/chat/sse?prompt=bench"
+
+
+def pct(values: list[float], q: float) -> float:
+    """The `q` quantile (0..1) by nearest rank; nan for no values."""
+    if not values:
+        return math.nan
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, max(0, math.ceil(q * len(ordered)) - 1))]
+
+
+@dataclass
+class Run:
+    streams: list[Stream]
+    cpu_s: float
+    wall_s: float
+    rss_before: int
+    rss_peak: int
+
+    @property
+    def tokens(self) -> int:
+        return sum(s.tokens for s in self.streams)
+
+    @property
+    def completed(self) -> int:
+        return sum(s.complete and s.error is None for s in self.streams)
+
+    def errors(self) -> str:
+        counts = Counter(s.error for s in self.streams if s.error)
+        return ", ".join(f"{n} {e}" for e, n in counts.most_common(3)) or "-"
+
+    def ms(self, attr: str, q: float) -> float:
+        return 1000 * pct([math.inf if getattr(s, attr) is None else getattr(s, attr) for s in self.streams], q)
+
+    def gap_ms(self, q: float) -> float:
+        return 1000 * pct([g for s in self.streams for g in s.gaps], q)
+
+
+async def _load(server: srv.Server, path: str, requests: int, concurrency: int, **kwargs) -> Run:
+    pids = server.pids()
+    rss_before, cpu_before = srv.rss_bytes(pids), srv.cpu_seconds(pids)
+    peak = rss_before
+
+    async def sample() -> None:
+        nonlocal peak
+        while True:
+            peak = max(peak, srv.rss_bytes(pids))
+            await asyncio.sleep(0.2)
+
+    sampler = asyncio.create_task(sample())
+    start = time.perf_counter()
+    streams = await run_load(server.url + path, requests, concurrency, **kwargs)
+    wall = time.perf_counter() - start
+    sampler.cancel()
+    await asyncio.sleep(0.3)  # the server finishes its bookkeeping (turns saved, logs written)
+    return Run(streams, srv.cpu_seconds(pids) - cpu_before, wall, rss_before, peak)
+
+
+def load(server: srv.Server, path: str, requests: int, concurrency: int, **kwargs) -> Run:
+    return asyncio.run(_load(server, path, requests, concurrency, **kwargs))
+
+
+def _service_variants(before: Path | None) -> list[tuple[str, Path]]:
+    return [("service", srv.ROOT)] + ([("service (before)", before)] if before else [])
+
+
+# -- P1 -----------------------------------------------------------------------------------------
+
+
+def p1_cost(quick: bool, before: Path | None = None) -> list[dict]:
+    """Server CPU seconds per million tokens: 2,000-token answers at full speed, 8 at a time."""
+    env = srv.pace_env(2000, 0)
+    requests, rounds = (16, 1) if quick else (40, 3)
+    starters = {
+        name: (lambda root=root: srv.service("gevent", 1, env, root)) for name, root in _service_variants(before)
+    }
+    starters["fastapi baseline"] = lambda: srv.fastapi_baseline(env)
+    starters["naive flask (gevent)"] = lambda: srv.flask_baseline(env)
+    costs: dict[str, list[float]] = {name: [] for name in starters}
+    runs: dict[str, Run] = {}
+    for _ in range(rounds):  # rounds interleave the servers, so that noise hits them alike
+        for name, start in starters.items():
+            with start() as server:
+                load(server, SSE, 8, 8)  # warm up
+                run = runs[name] = load(server, SSE, requests, 8)
+                costs[name].append(run.cpu_s / max(run.tokens, 1) * 1e6)
+    base = pct(costs["fastapi baseline"], 0.5)
+    return [
+        {
+            "server": name,
+            "streams": len(run.streams),
+            "complete": run.completed,
+            "tokens": run.tokens,
+            "CPU s / M tokens": pct(costs[name], 0.5),
+            "all rounds": " ".join(f"{c:.1f}" for c in costs[name]),
+            "x baseline": pct(costs[name], 0.5) / base,
+            "errors": run.errors(),
+        }
+        for name, run in runs.items()
+    ]
+
+
+# -- P2 -----------------------------------------------------------------------------------------
+
+
+def _concurrency_row(name: str, level: int, run: Run) -> dict:
+    return {
+        "server": name,
+        "streams": level,
+        "complete": run.completed,
+        "TTFB p50 ms": run.ms("ttfb", 0.5),
+        "TTFB p99 ms": run.ms("ttfb", 0.99),
+        "gap p99 ms": run.gap_ms(0.99),
+        "gap max ms": run.gap_ms(1.0),
+        "KB RSS / stream": (run.rss_peak - run.rss_before) / level / 1024,
+        "errors": run.errors(),
+    }
+
+
+def p2_concurrency(quick: bool, before: Path | None = None) -> list[dict]:
+    """Paced streams (20 tokens/s, 100 tokens) on one gevent worker, up to 2,000 at once."""
+    levels = [100, 500] if quick else [100, 500, 1000, 2000]
+    env = srv.pace_env(60 if quick else 100, 20)
+    starters = {
+        name: (lambda root=root: srv.service("gevent", 1, env, root)) for name, root in _service_variants(before)
+    }
+    starters["fastapi baseline"] = lambda: srv.fastapi_baseline(env)
+    starters["naive flask (gevent)"] = lambda: srv.flask_baseline(env)
+    rows = []
+    for level in levels:
+        for name, start in starters.items():
+            with start() as server:
+                load(server, SSE, 20, 20)  # warm up
+                rows.append(_concurrency_row(name, level, load(server, SSE, level, level, ramp_s=level / 2000)))
+    return rows
+
+
+def p2_ten_thousand(quick: bool, before: Path | None = None) -> list[dict]:
+    """10,000 concurrent streams on two gevent workers (2 tokens/s, 30 tokens: 15 s each)."""
+    level = 10_000
+    with srv.service("gevent", 2, srv.pace_env(30, 2)) as server:
+        load(server, SSE, 20, 20)
+        return [_concurrency_row("service, 2 gevent workers", level, load(server, SSE, level, level, ramp_s=5))]
+
+
+# -- P3 -----------------------------------------------------------------------------------------
+
+
+def p3_relay(quick: bool, before: Path | None = None) -> list[dict]:
+    """The OpenAI provider relaying a local upstream at 50 tokens/s, against going straight to it."""
+    levels = [1, 50] if quick else [1, 50, 200]
+    tokens = 50 if quick else 100
+    body = {"model": "bench", "stream": True, "messages": [{"role": "user", "content": "bench"}]}
+    rows = []
+    with srv.upstream(50, tokens) as upstream:
+        env = {"LLM_PROVIDER": "openai", "OPENAI_BASE_URL": upstream.url + "/v1", "OPENAI_API_KEY": "bench"}
+        with srv.service("gevent", 1, env) as relay:
+            load(relay, SSE, 5, 5)
+            for level in levels:
+                requests = 20 if level == 1 else level
+                ramp = level / 200
+                direct = load(upstream, "/v1/chat/completions", requests, level, ramp_s=ramp, body=body)
+                relayed = load(relay, SSE, requests, level, ramp_s=ramp)
+                rows.append(
+                    {
+                        "streams": level,
+                        "complete": f"{relayed.completed}/{requests}",
+                        "TTFT p50 ms direct": direct.ms("ttfd", 0.5),
+                        "TTFT p50 ms relayed": relayed.ms("ttfd", 0.5),
+                        "added p50 ms": relayed.ms("ttfd", 0.5) - direct.ms("ttfd", 0.5),
+                        "TTFT p99 ms direct": direct.ms("ttfd", 0.99),
+                        "TTFT p99 ms relayed": relayed.ms("ttfd", 0.99),
+                        "added p99 ms": relayed.ms("ttfd", 0.99) - direct.ms("ttfd", 0.99),
+                        "CPU s / M tokens relayed": relayed.cpu_s / max(relayed.tokens, 1) * 1e6,
+                        "errors": relayed.errors(),
+                    }
+                )
+    return rows
+
+
+# -- P4 -----------------------------------------------------------------------------------------
+
+P4_CONFIGS = [("sync", 2), ("gthread", 2), ("gevent", 1), ("gevent", 2)]
+
+
+def p4_contrast(quick: bool, before: Path | None = None) -> list[dict]:
+    """Worker classes side by side: 2-second streams (20 tokens/s, 40 tokens), cut off after a window."""
+    levels = [10, 100] if quick else [10, 100, 1000]
+    window = 5.0 if quick else 10.0
+    rows = []
+    for worker_class, workers in P4_CONFIGS:
+        for level in levels:
+            with srv.service(worker_class, workers, srv.pace_env(40, 20)) as server:
+                run = load(server, SSE, level, level, ramp_s=level / 2000, window_s=window)
+                name = f"{worker_class} x{workers}" + (" x32 threads" if worker_class == "gthread" else "")
+                rows.append(
+                    {
+                        "workers": name,
+                        "streams": level,
+                        "running at once": running_at_once(run.streams),
+                        f"complete in {window:g} s": run.completed,
+                        "TTFB p50 ms": run.ms("ttfb", 0.5),
+                        "TTFB p99 ms": run.ms("ttfb", 0.99),
+                        "gap p99 ms": run.gap_ms(0.99),
+                    }
+                )
+    return rows
+
+
+MEASURES = {
+    "p1": ("P1 cost per token", p1_cost),
+    "p2": ("P2 concurrency, one gevent worker", p2_concurrency),
+    "p4": ("P4 worker classes", p4_contrast),
+    "p3": ("P3 relay overhead", p3_relay),
+    "p2-10k": ("P2 10,000 streams", p2_ten_thousand),
+}

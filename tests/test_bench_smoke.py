@@ -1,0 +1,50 @@
+"""A tiny run of the benchmark harness (a few streams, seconds), so that it cannot rot.
+
+No timing thresholds: only that the pieces start, talk and count. Needs aiohttp (requirements-bench.txt).
+"""
+
+from __future__ import annotations
+
+import pytest
+
+pytest.importorskip("aiohttp")
+
+from bench import measures, report  # noqa: E402
+from bench import server as srv  # noqa: E402
+from bench.load import running_at_once  # noqa: E402
+
+
+@pytest.fixture(scope="module", autouse=True)
+def open_files():
+    srv.raise_nofile()
+
+
+def test_streams_are_counted_and_cpu_is_read():
+    with srv.service("gevent", 1, srv.pace_env(30, 0)) as server:
+        run = measures.load(server, measures.SSE, 6, 3)
+        assert run.completed == 6 and run.tokens == 6 * 30
+        assert all(s.ttfb is not None and s.ttfd is not None and s.error is None for s in run.streams)
+        assert run.cpu_s > 0 and run.rss_peak > 0
+        assert 1 <= running_at_once(run.streams) <= 3
+        row = measures._concurrency_row("service", 6, run)
+        assert row["complete"] == 6 and "TTFB p99 ms" in report.table([row])
+
+
+def test_disconnect_after_n_events_and_cut_off_window():
+    with srv.service("gevent", 1, srv.pace_env(40, 20)) as server:
+        cut = measures.load(server, measures.SSE, 2, 2, disconnect_after=3)
+        assert [s.complete for s in cut.streams] == [False, False]
+        late = measures.load(server, measures.SSE, 2, 2, window_s=0.5)
+        assert all(s.error == "cut off" for s in late.streams)
+        assert server.get_json("/healthz")["status"] == "ok"  # the server took the cuts in its stride
+
+
+def test_relay_through_the_bench_upstream():
+    with srv.upstream(0, 12) as upstream:
+        body = {"model": "m", "stream": True, "messages": [{"role": "user", "content": "hi"}]}
+        direct = measures.load(upstream, "/v1/chat/completions", 2, 2, body=body)
+        assert direct.completed == 2 and direct.tokens == 24
+        env = {"LLM_PROVIDER": "openai", "OPENAI_BASE_URL": upstream.url + "/v1", "OPENAI_API_KEY": "x"}
+        with srv.service("gevent", 1, env) as relay:
+            relayed = measures.load(relay, measures.SSE, 2, 2)
+            assert relayed.completed == 2 and relayed.tokens == 24
