@@ -86,7 +86,8 @@ def hold_stream(server, **kwargs) -> requests.Response:
     """Open a stream that stays open (the demo hangs), once its first token has come."""
     response = requests.post(server.url + "/chat", json={"prompt": "hold"}, stream=True, timeout=30, **kwargs)
     assert response.status_code == 200
-    next(response.iter_content(chunk_size=None))
+    # Read from the raw stream: a dropped `iter_content()` generator would close the connection.
+    assert response.raw.read(4) == b"This"
     return response
 
 
