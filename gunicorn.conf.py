@@ -59,7 +59,7 @@ def post_worker_init(worker):
     deadline = max(graceful_timeout - 2, graceful_timeout / 2)
 
     def end_streams():
-        service.stop_all("shutdown", "the server is restarting; please retry", wait_s=1)
+        service.shut_down(wait_s=1)
 
     def on_sigterm(signum, frame):
         if worker_class == "gevent":  # the handler runs in the event loop: it must not block

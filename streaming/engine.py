@@ -221,12 +221,12 @@ def start_thread(target: Callable[[], None], name: str) -> None:
         threading.Thread(target=target, name=name, daemon=True).start()
 
 
-def tail_events(answer: Answer, offset: int = 0, heartbeat_s: float | None = None) -> Iterator[list[dict]]:
+def tail_events(answer: Answer, offset: int = 0) -> Iterator[list[dict]]:
     """Batches of new events from `offset` until the terminal one; an empty batch is a heartbeat.
 
     Enforces the answer's deadlines while waiting. Leaving (GeneratorExit, when the client went
     away) detaches from the answer, which stops it once no reader is left."""
-    heartbeat_s = heartbeat_s or answer.settings.heartbeat_s
+    heartbeat_s = answer.settings.heartbeat_s
     answer.attach()
     try:
         last_write = time.monotonic()

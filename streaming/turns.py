@@ -46,11 +46,11 @@ class Service:
     store: Store
     live: dict[str, Answer] = field(default_factory=dict)
 
-    def stop_all(self, code: str, message: str, wait_s: float) -> None:
-        """End every answer in flight (a worker shutting down) and wait for their turns to be saved."""
+    def shut_down(self, wait_s: float) -> None:
+        """End every answer in flight (the worker is stopping) and wait for their turns to be saved."""
         answers = list(self.live.values())
         for answer in answers:
-            answer.stop(code, message)
+            answer.stop(SHUTDOWN, "the server is restarting; please retry")
         for answer in answers:
             answer.saved.wait(wait_s)
 
