@@ -31,11 +31,16 @@ def test_sse_streams_token_by_token(serve, worker_class):
     seqs = [int(i.split(":")[1]) for i in got.ids]
     assert seqs == sorted(seqs) and len(set(seqs)) == len(seqs)
     assert got.retry == "3000"
-    # At 40 tokens/s the 30 tokens take 0.75 s to exist: they must arrive spread over that time,
-    # in many separate events, not in one buffered lump at the end.
-    deltas = got.of("delta")
-    assert len(deltas) >= 10
-    assert done["at"] - deltas[0]["at"] >= 0.35
+    # At 40 tokens/s the 30 tokens come into being over 0.75 s. Whatever is waiting when the
+    # server writes goes out as one merged delta, so many separate deltas mean they went out as
+    # they were made, not in one buffered lump at the end.
+    assert len(got.of("delta")) >= 10
+    # And tokens reach the client while the model is still mid-answer: this one goes silent after
+    # three tokens (no heartbeats either), so a server that held them back would send nothing.
+    hanging = serve(worker_class, DEMO_HANG_AFTER=3, IDLE_TIMEOUT_S=600, HEARTBEAT_S=600)
+    early = read_sse(hanging.url + "/chat/sse", json_body={"prompt": "hello"},
+                     until=lambda got: got.text == "This is turn")
+    assert early.events[-1]["type"] == "delta"
 
 
 @pytest.mark.parametrize("worker_class", WORKER_CLASSES)
@@ -63,7 +68,7 @@ def test_text_stream_arrives_in_pieces(serve, worker_class):
     assert response.status_code == 200
     body = b"".join(c for _, c in chunks)
     assert b'This is turn 1. You said: "hi".' in body
-    assert len(chunks) >= 10 and chunks[-1][0] - chunks[0][0] >= 0.35
+    assert len(chunks) >= 10  # many separate writes reached the socket, not one buffered lump
 
 
 @pytest.mark.parametrize("worker_class", WORKER_CLASSES)
