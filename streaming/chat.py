@@ -6,9 +6,8 @@ import json
 
 from flask import Blueprint, Response, g, jsonify, request
 
-from .errors import ApiError
 from .params import parse_chat_request, request_fields
-from .turns import STREAM_HEADERS, begin_answer, service, streamed
+from .turns import STREAM_HEADERS, begin_answer, collect, service, streamed
 from .wire import SSEFraming, TextFraming
 
 bp = Blueprint("chat", __name__)
@@ -57,10 +56,7 @@ def resume(last_event_id: str, retry_ms: int) -> Response:
 @bp.post("/chat/blocking")
 def chat_blocking():
     answer = begin_answer(chat_request())
-    end = answer.collect()[-1]
-    if end["type"] == "error":
-        status = 503 if end["error"]["code"].startswith("upstream") else 500
-        raise ApiError(status, end["error"]["code"], end["error"]["message"])
+    end = collect(answer)[-1]
     return jsonify(
         conversation_id=answer.conversation_id,
         message_id=answer.message_id,

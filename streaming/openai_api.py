@@ -33,7 +33,7 @@ from .engine import Answer
 from .errors import HTTP_CODES, ApiError
 from .params import ChatRequest, invalid, number_field, request_fields, text_field
 from .providers.base import ProviderError
-from .turns import begin_answer, service, streamed
+from .turns import begin_answer, collect, service, streamed
 from .wire import OpenAIFraming
 
 log = logging.getLogger(__name__)
@@ -235,11 +235,8 @@ def chat_completions() -> Response:
 
 def completion(answer: Answer, created: int) -> Response:
     """The whole answer as a `chat.completion` object."""
-    events = answer.collect()
+    events = collect(answer)
     end = events[-1]
-    if end["type"] == "error":
-        status = 503 if end["error"]["code"].startswith("upstream") else 500
-        raise ApiError(status, end["error"]["code"], end["error"]["message"])
     message = {"role": "assistant", "content": answer.text}
     reasoning = "".join(e["text"] for e in events if e["type"] == "reasoning")
     if reasoning:

@@ -122,6 +122,16 @@ def save_turn(svc: Service, answer: Answer, events: list[dict]) -> None:
         }))
 
 
+def collect(answer: Answer) -> list[dict]:
+    """Every event of an answer that succeeded (the non-streaming endpoints); a failure is an
+    ApiError, since nothing has been sent yet."""
+    events = answer.collect()
+    if events[-1]["type"] == "error":
+        error = events[-1]["error"]
+        raise ApiError(503 if error["code"].startswith("upstream") else 500, error["code"], error["message"])
+    return events
+
+
 def streamed(answer: Answer, framing: Framing, offset: int = 0) -> Response:
     """A streaming response of `answer` in `framing`; it reads nothing from the request later."""
     sock = request.environ.get("gunicorn.socket")
