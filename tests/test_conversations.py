@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
+import sqlite3
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import requests
+
+from streaming.store.sqlite import SCHEMA
 
 from .conftest import wait_for
 from .fake_upstream import FakeUpstream
@@ -52,6 +57,30 @@ def test_history_survives_a_restart(serve, tmp_path):
     got = read_sse(second.url + "/chat/sse", json_body={"prompt": "after", "conversation_id": conversation_id})
     assert got.text.startswith('This is turn 2. You said: "after".')
     assert len(second.get(f"/conversations/{conversation_id}").json()["messages"]) == 4
+
+
+def test_a_version_3_file_upgrades_with_its_streams_and_owners(serve, tmp_path):
+    """A file written before messages carried their owner: after the upgrade, a key's streaming
+    turn still counts against its stream limit, and its conversation is still its own."""
+    db, key = tmp_path / "v3.db", "sk-upgrade-31c2"
+    owner, now = hashlib.sha256(key.encode()).hexdigest()[:8], time.time()
+    old = sqlite3.connect(db)
+    for script in SCHEMA[:3]:
+        old.executescript(script)
+    old.execute("PRAGMA user_version = 3")
+    old.execute("INSERT INTO conversations (id, owner, created_at, updated_at) VALUES ('c1', ?, ?, ?)",
+                (owner, now, now))
+    old.execute("INSERT INTO messages (id, conversation_id, role, content, status, created_at)"
+                " VALUES ('m1', 'c1', 'assistant', '', 'streaming', ?)", (now,))
+    old.commit()
+    old.close()
+    server = serve(db=db, API_KEYS=f"{key},sk-other-9e0f", MAX_STREAMS_PER_KEY=1)
+    refused = server.post("/chat", json={"prompt": "x"}, headers={"Authorization": f"Bearer {key}"})
+    assert refused.status_code == 429 and refused.json()["error"]["code"] == "too_many_streams"
+    other = server.post("/chat", json={"prompt": "x"}, headers={"Authorization": "Bearer sk-other-9e0f"})
+    assert other.status_code == 200
+    mine = server.get("/conversations/c1", headers={"Authorization": f"Bearer {key}"})
+    assert mine.status_code == 200 and mine.json()["messages"][0]["status"] == "streaming"
 
 
 def test_list_and_delete(serve):

@@ -62,6 +62,13 @@ SCHEMA = [
     """
     CREATE INDEX messages_streaming ON messages (conversation_id) WHERE status = 'streaming';
     """,
+    # version 4: a message carries its conversation's owner, so that the per-key stream count is
+    # one range of an index of the streaming rows (it joined every streaming row to its conversation)
+    """
+    ALTER TABLE messages ADD COLUMN owner TEXT NOT NULL DEFAULT '';
+    UPDATE messages SET owner = (SELECT owner FROM conversations c WHERE c.id = messages.conversation_id);
+    CREATE INDEX messages_streaming_by_owner ON messages (owner, created_at) WHERE status = 'streaming';
+    """,
 ]
 
 
@@ -136,11 +143,10 @@ class SQLiteStore:
         now = time.time()
         with self.connect() as db:
             if max_streams is not None:
-                streaming = db.execute(
-                    "SELECT count(*) FROM messages m INDEXED BY messages_streaming"
-                    " CROSS JOIN conversations c ON c.id = m.conversation_id"  # the few streaming rows first
-                    " WHERE m.status = 'streaming' AND c.owner = ? AND m.created_at >= ?",
-                    (owner, now - self.stale_after_s),
+                streaming = db.execute(  # counts no further than the limit
+                    "SELECT count(*) FROM (SELECT 1 FROM messages"
+                    " WHERE status = 'streaming' AND owner = ? AND created_at >= ? LIMIT ?)",
+                    (owner, now - self.stale_after_s, max_streams),
                 ).fetchone()[0]
                 if streaming >= max_streams:
                     raise TooManyStreams(owner)
@@ -151,9 +157,9 @@ class SQLiteStore:
                     (conversation_id, system, owner, now, now),
                 )
                 db.executemany(
-                    "INSERT INTO messages (id, conversation_id, role, content, status, created_at)"
-                    " VALUES (?, ?, ?, ?, 'complete', ?)",
-                    [(uuid.uuid4().hex, conversation_id, m["role"], m["content"], now) for m in history],
+                    "INSERT INTO messages (id, conversation_id, owner, role, content, status, created_at)"
+                    " VALUES (?, ?, ?, ?, ?, 'complete', ?)",
+                    [(uuid.uuid4().hex, conversation_id, owner, m["role"], m["content"], now) for m in history],
                 )
                 earlier = [{"role": m["role"], "content": m["content"]} for m in history]
             else:
@@ -181,11 +187,11 @@ class SQLiteStore:
                 ]
                 db.execute("UPDATE conversations SET updated_at = ? WHERE id = ?", (now, conversation_id))
             db.executemany(
-                "INSERT INTO messages (id, conversation_id, role, content, status, model, created_at)"
-                " VALUES (?, ?, ?, ?, ?, ?, ?)",
+                "INSERT INTO messages (id, conversation_id, owner, role, content, status, model, created_at)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
                 [
-                    (uuid.uuid4().hex, conversation_id, "user", prompt, "complete", None, now),
-                    (message_id, conversation_id, "assistant", "", "streaming", model, now),
+                    (uuid.uuid4().hex, conversation_id, owner, "user", prompt, "complete", None, now),
+                    (message_id, conversation_id, owner, "assistant", "", "streaming", model, now),
                 ],
             )
         messages = self.trim(earlier) + [{"role": "user", "content": prompt}]
@@ -225,11 +231,7 @@ class SQLiteStore:
 
     def message(self, message_id: str, owner: str = "") -> dict | None:
         with self.connect() as db:
-            row = db.execute(
-                "SELECT m.* FROM messages m JOIN conversations c ON c.id = m.conversation_id"
-                " WHERE m.id = ? AND c.owner = ?",
-                (message_id, owner),
-            ).fetchone()
+            row = db.execute("SELECT * FROM messages WHERE id = ? AND owner = ?", (message_id, owner)).fetchone()
         return None if row is None else dict(row)
 
     def conversation(self, conversation_id: str, owner: str = "") -> dict | None:
