@@ -2,6 +2,9 @@
 
 A producer thread (a greenlet under gevent, which patches `threading`) reads the provider's reply
 and appends events; every response generator tails the log from its own offset with a timed wait.
+Waking the readers costs one `threading.Event` per append: the producer swaps in a fresh one and
+sets the old one, which every reader that found nothing new is waiting on. Under gevent that is
+a third of the cost of a `Condition`, whose wait and notify are written in Python.
 The reader owns time: it sends heartbeats, enforces the first-token, idle and total deadlines, and
 takes everything appended since its last write as one chunk, so writes coalesce by themselves when
 tokens outrun the socket. When the last reader leaves and `RESUME_GRACE_S` has passed, the answer
@@ -31,9 +34,10 @@ INTERRUPTED = "interrupted"
 class Answer:
     """One answer in progress: its event log, its timings and its outcome.
 
-    Events are plain dicts with a `type`; their index in `events` is their sequence number.
-    Only the producer appends until the end; the terminal event (`done` or `error`) is appended
-    once, by the producer or by `stop()`, whichever comes first.
+    Events are plain dicts with a `type`; their index in the log is their sequence number. The log
+    keeps a `delta` as its bare text (a dict per token was most of the memory of a stream) and
+    hands readers dicts. Only the producer appends until the end; the terminal event (`done` or
+    `error`) is appended once, by the producer or by `stop()`, whichever comes first.
     """
 
     def __init__(
@@ -64,8 +68,9 @@ class Answer:
         self.ended = False
         self._produced = False
         self._readers = 0
-        self._cond = threading.Condition()
-        self.events: list[dict] = [
+        self._lock = threading.Lock()  # for the end of the log and the count of readers
+        self._changed = threading.Event()  # set, and replaced, when the log grows
+        self._log: list[dict | str] = [
             {"type": "start", "conversation_id": conversation_id, "message_id": message_id, "model": model},
             {"type": "status", "stage": "thinking"},
         ]
@@ -83,7 +88,7 @@ class Answer:
                 if self.ended:
                     break
                 if type(chunk) is str:
-                    self._append({"type": "delta", "text": chunk})
+                    self._append(chunk)
                 elif isinstance(chunk, Reasoning):
                     self._append({"type": "reasoning", "text": chunk.text})
                 elif isinstance(chunk, Usage):
@@ -98,40 +103,51 @@ class Answer:
                 error = {"code": "upstream_error", "message": "the model failed unexpectedly"}
         finally:
             self.reply.close()
-        with self._cond:  # from here on only this thread touches the log
+        with self._lock:  # from here on only this thread touches the log
             self._produced = True
             if not self.ended:
                 self.error = error
                 terminal = self._done_event() if error is None else {"type": "error", "error": error}
         if self.on_end is not None:
             try:  # saved before the terminal event goes out, so that the next turn sees it
-                self.on_end(self, self.events if self.ended else [*self.events, terminal])
+                self.on_end(self, self.events(0) if self.ended else [*self.events(0), terminal])
             except Exception:
                 log.exception("saving the turn failed")
         if not self.ended:
             self._end(terminal)
         self.saved.set()
 
-    def _append(self, event: dict) -> None:
+    def _append(self, event: dict | str) -> None:
         now = time.monotonic()
-        with self._cond:
+        with self._lock:
+            if self.ended:
+                return
             if self.first_token_at is None:
                 self.first_token_at = now
             self.last_upstream_at = now
-            self.events.append(event)
-            self._cond.notify_all()
+            self._log.append(event)
+        self._wake()
 
     def _end(self, event: dict) -> None:
-        with self._cond:
+        with self._lock:
             if self.ended:
                 return
-            self.ended = True
-            self.ended_at = time.monotonic()
-            self.events.append(event)
-            self._cond.notify_all()
+            self._terminate(event)
+        self._wake()
+
+    def _terminate(self, event: dict) -> None:
+        """Append the terminal event; the caller holds the lock and saw no terminal event yet."""
+        self.ended = True
+        self.ended_at = time.monotonic()
+        self._log.append(event)
+
+    def _wake(self) -> None:
+        """Wake every reader waiting for the log to grow (see `wait`)."""
+        woken, self._changed = self._changed, threading.Event()
+        woken.set()
 
     def _done_event(self) -> dict:
-        completion = sum(1 for e in self.events if e["type"] == "delta")
+        completion = sum(1 for e in self._log if type(e) is str)
         usage = self.usage or {"prompt_tokens": 0, "completion_tokens": completion}
         return {
             "type": "done",
@@ -151,25 +167,26 @@ class Answer:
 
     @property
     def text(self) -> str:
-        return "".join(e["text"] for e in self.events if e["type"] == "delta")
+        return "".join(e for e in self._log if type(e) is str)
 
     # -- stopping -------------------------------------------------------------------------
 
     def stop(self, code: str, message: str) -> None:
         """End the answer now with an error event and release the upstream (any thread)."""
-        with self._cond:
+        with self._lock:
             if self.ended or self._produced:
                 return
             self.error = {"code": code, "message": message}
-            self._end({"type": "error", "error": self.error})  # the condition's lock is re-entrant
+            self._terminate({"type": "error", "error": self.error})
+        self._wake()
         self.reply.close()
 
     def attach(self) -> None:
-        with self._cond:
+        with self._lock:
             self._readers += 1
 
     def detach(self) -> None:
-        with self._cond:
+        with self._lock:
             self._readers -= 1
             abandoned = self._readers == 0 and not self.ended
         if not abandoned:
@@ -187,22 +204,37 @@ class Answer:
 
     # -- readers --------------------------------------------------------------------------
 
+    def events(self, offset: int) -> list[dict]:
+        """The events from `offset` on."""
+        return [{"type": "delta", "text": e} if type(e) is str else e for e in self._log[offset:]]
+
+    def size(self) -> int:
+        return len(self._log)
+
     def wait(self, offset: int, timeout: float) -> list[dict]:
         """The events from `offset` on, waiting up to `timeout` seconds for one to arrive."""
-        with self._cond:
-            if len(self.events) <= offset and not self.ended:
-                self._cond.wait(timeout)
-            return self.events[offset:]
+        changed = self._changed  # taken before looking: an append after the look sets this one
+        if len(self._log) <= offset and not self.ended:
+            changed.wait(timeout)
+        return self.events(offset)
 
     def deadline(self) -> tuple[float, str]:
-        """When the upstream must next show life, and what that limit is called."""
+        """When the upstream must next show life, and which limit that is (see `overdue`)."""
         s = self.settings
-        limits = [(self.started + s.max_stream_s, f"the answer took longer than {s.max_stream_s:g} s")]
         if self.first_token_at is None:
-            limits.append((self.started + s.first_token_timeout_s, f"no token within {s.first_token_timeout_s:g} s"))
+            first = self.started + s.first_token_timeout_s, "first_token"
         else:
-            limits.append((self.last_upstream_at + s.idle_timeout_s, f"no token for {s.idle_timeout_s:g} s"))
-        return min(limits)
+            first = self.last_upstream_at + s.idle_timeout_s, "idle"
+        return min(first, (self.started + s.max_stream_s, "total"))
+
+    def overdue(self, limit: str) -> str:
+        """What a client is told when `limit` has passed."""
+        s = self.settings
+        return {
+            "first_token": f"no token within {s.first_token_timeout_s:g} s",
+            "idle": f"no token for {s.idle_timeout_s:g} s",
+            "total": f"the answer took longer than {s.max_stream_s:g} s",
+        }[limit]
 
     def collect(self) -> list[dict]:
         """Every event, once the answer has ended (for the blocking endpoint)."""
@@ -231,19 +263,19 @@ def tail_events(answer: Answer, offset: int = 0) -> Iterator[list[dict]]:
     try:
         last_write = time.monotonic()
         while True:
-            deadline, why = answer.deadline()
+            deadline, limit = answer.deadline()
             timeout = min(deadline, last_write + heartbeat_s) - time.monotonic()
             events = answer.wait(offset, max(timeout, 0))
             if events:
                 offset += len(events)
                 yield events
-                if answer.ended and offset == len(answer.events):
+                if answer.ended and offset == answer.size():
                     return
                 last_write = time.monotonic()
                 continue
             now = time.monotonic()
             if now >= deadline:
-                answer.stop("upstream_timeout", why)
+                answer.stop("upstream_timeout", answer.overdue(limit))
             elif now >= last_write + heartbeat_s:
                 yield []
                 last_write = now
