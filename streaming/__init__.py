@@ -8,6 +8,7 @@ from flask import Flask, jsonify
 
 from . import auth, batch, chat, conversations, errors, metrics, openai_api, ui
 from .config import Settings
+from .engine import under_gevent
 from .providers import load_provider
 from .store import open_store
 from .turns import Service, service
@@ -19,6 +20,8 @@ def create_app(settings: Settings | None = None) -> Flask:
     app.config["MAX_CONTENT_LENGTH"] = settings.max_body_bytes
     if not logging.getLogger().handlers:
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if under_gevent():  # a log record names its thread: a dummy Thread object made for each greenlet
+        logging.logThreads = False
     app.extensions["streaming"] = Service(
         settings=settings, provider=load_provider(settings), store=open_store(settings, app.instance_path)
     )

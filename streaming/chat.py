@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import json
-
 from flask import Blueprint, Response, g, jsonify, request
 
 from .params import parse_chat_request, request_fields
@@ -43,9 +41,7 @@ def resume(last_event_id: str, retry_ms: int) -> Response:
     if answer is not None and answer.context["key_id"] == g.key_id:
         return streamed(answer, SSEFraming(message_id, retry_ms), offset)
     stored = svc.store.message(message_id, g.key_id)
-    if stored is None or not stored["events"]:
-        return Response(status=204)
-    events = json.loads(stored["events"])[offset:]
+    events = [] if stored is None else stored["events"][offset:]
     if not events:
         return Response(status=204)
     body = SSEFraming(message_id, retry_ms).encode(events, offset)

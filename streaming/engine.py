@@ -13,7 +13,6 @@ is stopped: the reply is closed, which releases the upstream, and the producer e
 
 from __future__ import annotations
 
-import _thread
 import logging
 import select
 import socket
@@ -241,14 +240,21 @@ class Answer:
         return [event for batch in tail_events(self) for event in batch]
 
 
-def start_thread(target: Callable[[], None], name: str) -> None:
-    """Run `target` in a daemon thread. Under gevent it is a greenlet started without
-    `Thread.start()`'s handshake: waiting for the new thread to say it runs switches to the hub,
-    which lets every other request run first, so no response's first byte went out before all
-    the requests that arrived with it had been set up."""
+def under_gevent() -> bool:
+    """Whether gevent has patched `threading` (the gevent worker), so threads are greenlets."""
     monkey = sys.modules.get("gevent.monkey")
-    if monkey is not None and monkey.is_module_patched("threading"):
-        _thread.start_new_thread(target, ())
+    return monkey is not None and monkey.is_module_patched("threading")
+
+
+def start_thread(target: Callable[[], None], name: str) -> None:
+    """Run `target` in a daemon thread. Under gevent it is a raw greenlet: `Thread.start()` waits
+    for the new thread to say it runs, which switches to the hub and lets every other request run
+    first (no response's first byte went out before all the requests that arrived with it had
+    been set up), and a raw greenlet skips the bookkeeping of a `Greenlet` nobody joins."""
+    if under_gevent():
+        from gevent import spawn_raw
+
+        spawn_raw(target)
     else:
         threading.Thread(target=target, name=name, daemon=True).start()
 

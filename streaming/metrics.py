@@ -48,7 +48,8 @@ def stream_ended(outcome: str, error_code: str | None, ttft_ms: int | None, dura
         TTFT.observe(ttft_ms / 1000)
     DURATION.observe(duration_ms / 1000)
     TOKENS.inc(tokens)
-    HEARTBEATS.inc(heartbeats)
+    if heartbeats:
+        HEARTBEATS.inc(heartbeats)
     if error_code == "interrupted":
         DISCONNECTS.inc()
     elif error_code is not None and error_code != "shutdown":

@@ -6,7 +6,7 @@ broken stream.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 from flask import Request
 
@@ -26,7 +26,8 @@ class ChatRequest:
 
     def provider_params(self) -> dict:
         """What is passed through to the provider, where set."""
-        return {k: v for k, v in asdict(self).items() if k in ("max_tokens", "temperature") and v is not None}
+        params = {"max_tokens": self.max_tokens, "temperature": self.temperature}
+        return {k: v for k, v in params.items() if v is not None}
 
 
 def invalid(message: str) -> ApiError:

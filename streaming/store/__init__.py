@@ -47,7 +47,8 @@ class Store(Protocol):
     def end_turn(self, message_id: str, status: str, events: list[dict], error_code: str | None) -> None:
         """Complete the assistant's row from the answer's event log."""
 
-    def message(self, message_id: str, owner: str = "") -> dict | None: ...
+    def message(self, message_id: str, owner: str = "") -> dict | None:
+        """The message's row, with `events`: the event log of an ended answer (empty until then)."""
 
     def conversation(self, conversation_id: str, owner: str = "") -> dict | None: ...
 

@@ -46,7 +46,7 @@ SCHEMA = [
         finish_reason TEXT,
         ttft_ms INTEGER,
         duration_ms INTEGER,
-        events TEXT,                      -- JSON event log, for Last-Event-ID replay
+        events TEXT,                      -- JSON event log, for Last-Event-ID replay (a delta as its text)
         created_at REAL NOT NULL,
         finished_at REAL
     );
@@ -223,7 +223,7 @@ class SQLiteStore:
                     done.get("finish_reason"),
                     done.get("ttft_ms"),
                     done.get("duration_ms"),
-                    json.dumps(events, ensure_ascii=False),
+                    json.dumps([e["text"] if e["type"] == "delta" else e for e in events], ensure_ascii=False),
                     time.time(),
                     message_id,
                 ),
@@ -232,7 +232,10 @@ class SQLiteStore:
     def message(self, message_id: str, owner: str = "") -> dict | None:
         with self.connect() as db:
             row = db.execute("SELECT * FROM messages WHERE id = ? AND owner = ?", (message_id, owner)).fetchone()
-        return None if row is None else dict(row)
+        if row is None:
+            return None
+        events = json.loads(row["events"]) if row["events"] else []
+        return {**dict(row), "events": [{"type": "delta", "text": e} if type(e) is str else e for e in events]}
 
     def conversation(self, conversation_id: str, owner: str = "") -> dict | None:
         with self.connect() as db:
