@@ -4,7 +4,9 @@ A producer thread (a greenlet under gevent, which patches `threading`) reads the
 and appends events; every response generator tails the log from its own offset with a timed wait.
 Waking the readers costs one `threading.Event` per append: the producer swaps in a fresh one and
 sets the old one, which every reader that found nothing new is waiting on. Under gevent that is
-a third of the cost of a `Condition`, whose wait and notify are written in Python.
+a third of the cost of a `Condition`, whose wait and notify are written in Python. A reader waits
+without a timeout: when its heartbeat or a deadline falls due first, the process's `Clock` wakes
+it (a timer for each wait was an eighth of the cost of a token).
 The reader owns time: it sends heartbeats, enforces the first-token, idle and total deadlines, and
 takes everything appended since its last write as one chunk, so writes coalesce by themselves when
 tokens outrun the socket. When the last reader leaves and `RESUME_GRACE_S` has passed, the answer
@@ -14,6 +16,8 @@ is stopped: the reply is closed, which releases the upstream, and the producer e
 from __future__ import annotations
 
 import logging
+import math
+import os
 import select
 import socket
 import sys
@@ -69,6 +73,7 @@ class Answer:
         self._readers = 0
         self._lock = threading.Lock()  # for the end of the log and the count of readers
         self._changed = threading.Event()  # set, and replaced, when the log grows
+        self._wake_at = math.inf  # when the clock must wake the readers (the first one due)
         self._log: list[dict | str] = [
             {"type": "start", "conversation_id": conversation_id, "message_id": message_id, "model": model},
             {"type": "status", "stage": "thinking"},
@@ -183,11 +188,14 @@ class Answer:
     def attach(self) -> None:
         with self._lock:
             self._readers += 1
+        CLOCK.watch(self)
 
     def detach(self) -> None:
         with self._lock:
             self._readers -= 1
             abandoned = self._readers == 0 and not self.ended
+        if self._readers == 0:
+            CLOCK.unwatch(self)
         if not abandoned:
             return
         if self.settings.resume_grace_s > 0:
@@ -210,11 +218,14 @@ class Answer:
     def size(self) -> int:
         return len(self._log)
 
-    def wait(self, offset: int, timeout: float) -> list[dict]:
-        """The events from `offset` on, waiting up to `timeout` seconds for one to arrive."""
+    def wait(self, offset: int, due: float) -> list[dict]:
+        """The events from `offset` on, waiting for one to arrive or for the `time.monotonic()`
+        `due` to pass (give or take a tick of the clock), whichever comes first."""
         changed = self._changed  # taken before looking: an append after the look sets this one
         if len(self._log) <= offset and not self.ended:
-            changed.wait(timeout)
+            with self._lock:
+                self._wake_at = min(self._wake_at, due)
+            changed.wait()
         return self.events(offset)
 
     def deadline(self) -> tuple[float, str]:
@@ -238,6 +249,41 @@ class Answer:
     def collect(self) -> list[dict]:
         """Every event, once the answer has ended (for the blocking endpoint)."""
         return [event for batch in tail_events(self) for event in batch]
+
+
+class Clock:
+    """Wakes the readers of each watched answer when the first of them falls due.
+
+    One thread (a greenlet under gevent) per process looks at every answer with readers each
+    `TICK_S`: a few microseconds a tick for thousands of answers, where a timer for each wait
+    cost microseconds a token. Heartbeats and deadlines are met to within a tick."""
+
+    TICK_S = 0.05
+
+    def __init__(self) -> None:
+        self.answers: set[Answer] = set()
+        self._pid = 0
+
+    def watch(self, answer: Answer) -> None:
+        if self._pid != os.getpid():  # started lazily, and again in a forked child
+            self._pid = os.getpid()
+            start_thread(self._run, "reader-clock")
+        self.answers.add(answer)
+
+    def unwatch(self, answer: Answer) -> None:
+        self.answers.discard(answer)
+
+    def _run(self) -> None:
+        while True:
+            time.sleep(self.TICK_S)
+            now = time.monotonic()
+            for answer in list(self.answers):
+                if now >= answer._wake_at:
+                    answer._wake_at = math.inf
+                    answer._wake()
+
+
+CLOCK = Clock()
 
 
 def under_gevent() -> bool:
@@ -270,8 +316,7 @@ def tail_events(answer: Answer, offset: int = 0) -> Iterator[list[dict]]:
         last_write = time.monotonic()
         while True:
             deadline, limit = answer.deadline()
-            timeout = min(deadline, last_write + heartbeat_s) - time.monotonic()
-            events = answer.wait(offset, max(timeout, 0))
+            events = answer.wait(offset, min(deadline, last_write + heartbeat_s))
             if events:
                 offset += len(events)
                 yield events

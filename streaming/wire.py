@@ -11,10 +11,21 @@ import json
 from typing import Protocol
 
 _json = json.JSONEncoder(ensure_ascii=False, separators=(",", ":")).encode
+_string = json.encoder.encode_basestring  # a str as a JSON string, exactly as `_json` writes it
+
+
+def event_json(event: dict) -> str:
+    """An event as compact JSON. A text event (`delta`, `reasoning`: nearly every frame of a
+    stream) is written directly, which costs a tenth of the generic encoder."""
+    if len(event) == 2 and "text" in event:
+        return f'{{"type":"{event["type"]}","text":{_string(event["text"])}}}'
+    return _json(event)
 
 
 def coalesce(events: list[dict], offset: int) -> list[tuple[int, dict]]:
     """(sequence number, event) pairs, runs of text events of one type merged into the last."""
+    if len(events) == 1:  # a token at a time, the common case when the model is slower than the socket
+        return [(offset, events[0])]
     merged: list[tuple[int, dict]] = []
     run: list[str] = []
     for seq, event in enumerate(events, offset):
@@ -62,7 +73,7 @@ class SSEFraming:
     def encode(self, events: list[dict], offset: int) -> bytes:
         out = []
         for seq, event in coalesce(events, offset):
-            out.append(sse(_json(event), event["type"], f"{self.message_id}:{seq}", self.retry_ms))
+            out.append(sse(event_json(event), event["type"], f"{self.message_id}:{seq}", self.retry_ms))
             self.retry_ms = None
         return "".join(out).encode()
 
@@ -78,7 +89,7 @@ class NDJSONFraming:
 
     def encode(self, events: list[dict], offset: int) -> bytes:
         if self.index is None:
-            lines = [_json(event) for _, event in coalesce(events, offset)]
+            lines = [event_json(event) for _, event in coalesce(events, offset)]
         else:
             lines = [_json({**event, "index": self.index}) for _, event in coalesce(events, offset)]
         return ("\n".join(lines) + "\n").encode()
@@ -132,9 +143,9 @@ class OpenAIFraming:
         for _, event in coalesce(events, offset):
             kind = event["type"]
             if kind == "delta":
-                out.append(self._chunk(f'{{"content":{_json(event["text"])}}}'))
+                out.append(self._chunk(f'{{"content":{_string(event["text"])}}}'))
             elif kind == "reasoning":
-                out.append(self._chunk(f'{{"reasoning_content":{_json(event["text"])}}}'))
+                out.append(self._chunk(f'{{"reasoning_content":{_string(event["text"])}}}'))
             elif kind == "start":
                 self._meta = {
                     "id": f"chatcmpl-{event['message_id']}",
