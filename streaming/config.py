@@ -29,8 +29,8 @@ class Settings:
     max_batch: int = 16
     max_batch_concurrency: int = 8
     api_keys: str = ""  # comma-separated; empty: open, for local use
-    max_streams_per_key: int = 32
-    max_streams_per_worker: int = 1000
+    max_streams_per_key: int = 32  # 0: no limit (nor its count, a read of every streaming row)
+    max_streams_per_worker: int = 1000  # 0: no limit
     graceful_timeout_s: float = 30.0
     demo_ttft_ms: float = 200.0
     demo_tokens_per_s: float = 30.0

@@ -65,7 +65,7 @@ def too_many(message: str) -> ApiError:
 
 def begin_answer(chat: ChatRequest) -> Answer:
     svc, settings = service(), service().settings
-    if len(svc.live) >= settings.max_streams_per_worker:
+    if 0 < settings.max_streams_per_worker <= len(svc.live):
         raise too_many(f"this worker is at its limit of {settings.max_streams_per_worker} streams")
     message_id = uuid.uuid4().hex
     model = chat.model or svc.provider.default_model
@@ -73,7 +73,7 @@ def begin_answer(chat: ChatRequest) -> Answer:
     try:
         conversation_id, messages = svc.store.begin_turn(
             chat.conversation_id, message_id, chat.prompt, chat.system, model, chat.history,
-            owner=g.key_id, max_streams=settings.max_streams_per_key,
+            owner=g.key_id, max_streams=settings.max_streams_per_key or None,
         )
     except ConversationNotFound:
         raise ApiError(404, "not_found", "no such conversation") from None

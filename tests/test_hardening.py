@@ -103,6 +103,14 @@ def test_streams_per_worker_limit(serve):
     held[0].close()
 
 
+def test_zero_means_no_stream_limit(serve):
+    server = serve(MAX_STREAMS_PER_KEY=0, MAX_STREAMS_PER_WORKER=0, DEMO_HANG_AFTER=1, IDLE_TIMEOUT_S=600)
+    held = [hold_stream(server) for _ in range(3)]
+    assert server.get("/healthz").json()["streams_in_flight"] == 3
+    for response in held:
+        response.close()
+
+
 def test_streams_per_key_limit(serve):
     server = serve(API_KEYS=f"{ALPHA},{BETA}", MAX_STREAMS_PER_KEY=1, DEMO_HANG_AFTER=1, IDLE_TIMEOUT_S=600,
                    HEARTBEAT_S=0.2, WEB_CONCURRENCY=2)
