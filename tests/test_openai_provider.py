@@ -5,6 +5,8 @@ from __future__ import annotations
 import pytest
 import requests
 
+from streaming.providers.openai import sse_data
+
 from .conftest import WORKER_CLASSES, free_port, wait_for
 from .fake_upstream import SECRET_DETAIL, FakeUpstream
 from .streams import read_sse
@@ -147,3 +149,9 @@ def test_history_is_trimmed_oldest_first_keeping_the_system_prompt(serve, upstre
     assert earlier and sum(len(m["content"]) for m in earlier) <= 40
     assert {"role": "user", "content": "first old turn"} not in earlier  # the oldest went first
     assert earlier[-1] == {"role": "assistant", "content": upstream.expected_text("third turn")}
+
+
+def test_sse_data_reads_events_as_the_spec_defines_them():
+    lines = [": keep-alive", "", "data: {\"a\": 1}", "", "event: x", "data:no-space", "data: second line", "",
+             "id: 7", "", "data: [DONE]"]
+    assert list(sse_data(iter(lines))) == ['{"a": 1}', "no-space\nsecond line", "[DONE]"]
