@@ -1,7 +1,8 @@
 """`python -m bench` runs the suite (about 10 minutes); `--quick` a short version (about 2).
 
 `--only p1,p2` picks measures; `--before DIR` adds another checkout of the service (e.g. an older
-commit, from `git worktree add`) to P1 and P2, side by side in the same run.
+commit, from `git worktree add`) to P1 and P2, side by side in the same run; `--before-env
+NAME=VALUE` sets a variable for that checkout only.
 """
 
 from __future__ import annotations
@@ -29,18 +30,22 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="a short version of each measure")
     parser.add_argument("--only", help="comma-separated: " + ",".join(MEASURES))
     parser.add_argument("--before", type=Path, help="another checkout of the service to compare in P1 and P2")
+    parser.add_argument("--before-env", action="append", default=[], metavar="NAME=VALUE",
+                        help="a variable for the --before checkout only (e.g. MAX_STREAMS_PER_KEY=100000 for one "
+                        "from before 2026-11-25, where 0 refused every stream)")
     parser.add_argument("--chart", type=Path, help="where to write the P4 chart (default docs/performance.png)")
     parser.add_argument("--json", type=Path, help="write every row as JSON here")
     parser.add_argument("--markdown", action="store_true", help="print tables as Markdown")
     args = parser.parse_args()
     names = args.only.split(",") if args.only else [n for n in MEASURES if not (args.quick and n == "p2-10k")]
+    before = args.before and server.Checkout(args.before, dict(kv.split("=", 1) for kv in args.before_env))
     limit = server.raise_nofile()
     print(f"machine: {machine()}; open files: {limit}", flush=True)
     results = {}
     for name in names:
         title, measure = MEASURES[name]
         start = time.monotonic()
-        rows = results[name] = measure(args.quick, args.before)
+        rows = results[name] = measure(args.quick, before)
         print(f"\n## {title} ({time.monotonic() - start:.0f} s)\n\n{table(rows, args.markdown)}", flush=True)
         if name == "p4":
             chart = args.chart or (

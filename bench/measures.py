@@ -10,8 +10,8 @@ import asyncio
 import math
 import time
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 
 from . import server as srv
 from .load import Stream, run_load, running_at_once
@@ -78,22 +78,26 @@ def load(server: srv.Server, path: str, requests: int, concurrency: int, **kwarg
     return asyncio.run(_load(server, path, requests, concurrency, **kwargs))
 
 
-def _service_variants(before: Path | None) -> list[tuple[str, Path]]:
-    return [("service", srv.ROOT)] + ([("service (before)", before)] if before else [])
+def _contenders(env: dict[str, str], before: srv.Checkout | None) -> dict[str, Callable[[], srv.Server]]:
+    """Name -> how to start it: the service on one gevent worker (and the `before` checkout), then
+    the two baselines, all with the demo's `env`."""
+    checkouts = {"service": srv.Checkout(), **({"service (before)": before} if before else {})}
+    starters = {
+        name: (lambda co=co: srv.service("gevent", 1, {**env, **co.env}, co.root)) for name, co in checkouts.items()
+    }
+    starters["fastapi baseline"] = lambda: srv.fastapi_baseline(env)
+    starters["naive flask (gevent)"] = lambda: srv.flask_baseline(env)
+    return starters
 
 
 # -- P1 -----------------------------------------------------------------------------------------
 
 
-def p1_cost(quick: bool, before: Path | None = None) -> list[dict]:
+def p1_cost(quick: bool, before: srv.Checkout | None = None) -> list[dict]:
     """Server CPU seconds per million tokens: 2,000-token answers at full speed, 8 at a time."""
     env = srv.pace_env(2000, 0)
     requests, rounds = (16, 1) if quick else (40, 3)
-    starters = {
-        name: (lambda root=root: srv.service("gevent", 1, env, root)) for name, root in _service_variants(before)
-    }
-    starters["fastapi baseline"] = lambda: srv.fastapi_baseline(env)
-    starters["naive flask (gevent)"] = lambda: srv.flask_baseline(env)
+    starters = _contenders(env, before)
     costs: dict[str, list[float]] = {name: [] for name in starters}
     runs: dict[str, Run] = {}
     for _ in range(rounds):  # rounds interleave the servers, so that noise hits them alike
@@ -135,15 +139,11 @@ def _concurrency_row(name: str, level: int, run: Run) -> dict:
     }
 
 
-def p2_concurrency(quick: bool, before: Path | None = None) -> list[dict]:
+def p2_concurrency(quick: bool, before: srv.Checkout | None = None) -> list[dict]:
     """Paced streams (20 tokens/s, 100 tokens) on one gevent worker, up to 2,000 at once."""
     levels = [100, 500] if quick else [100, 500, 1000, 2000]
     env = srv.pace_env(60 if quick else 100, 20)
-    starters = {
-        name: (lambda root=root: srv.service("gevent", 1, env, root)) for name, root in _service_variants(before)
-    }
-    starters["fastapi baseline"] = lambda: srv.fastapi_baseline(env)
-    starters["naive flask (gevent)"] = lambda: srv.flask_baseline(env)
+    starters = _contenders(env, before)
     rows = []
     for level in levels:
         for name, start in starters.items():
@@ -153,7 +153,7 @@ def p2_concurrency(quick: bool, before: Path | None = None) -> list[dict]:
     return rows
 
 
-def p2_ten_thousand(quick: bool, before: Path | None = None) -> list[dict]:
+def p2_ten_thousand(quick: bool, before: srv.Checkout | None = None) -> list[dict]:
     """10,000 concurrent streams on two gevent workers (2 tokens/s, 30 tokens: 15 s each)."""
     level = 10_000
     with srv.service("gevent", 2, srv.pace_env(30, 2)) as server:
@@ -164,7 +164,7 @@ def p2_ten_thousand(quick: bool, before: Path | None = None) -> list[dict]:
 # -- P3 -----------------------------------------------------------------------------------------
 
 
-def p3_relay(quick: bool, before: Path | None = None) -> list[dict]:
+def p3_relay(quick: bool, before: srv.Checkout | None = None) -> list[dict]:
     """The OpenAI provider relaying a local upstream at 50 tokens/s, against going straight to it."""
     levels = [1, 50] if quick else [1, 50, 200]
     tokens = 50 if quick else 100
@@ -201,7 +201,7 @@ def p3_relay(quick: bool, before: Path | None = None) -> list[dict]:
 P4_CONFIGS = [("sync", 2), ("gthread", 2), ("gevent", 1), ("gevent", 2)]
 
 
-def p4_contrast(quick: bool, before: Path | None = None) -> list[dict]:
+def p4_contrast(quick: bool, before: srv.Checkout | None = None) -> list[dict]:
     """Worker classes side by side: 2-second streams (20 tokens/s, 40 tokens), cut off after a window."""
     levels = [10, 100] if quick else [10, 100, 1000]
     window = 5.0 if quick else 10.0

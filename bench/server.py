@@ -15,6 +15,7 @@ import sys
 import tempfile
 import time
 import urllib.request
+from dataclasses import dataclass, field
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -135,6 +136,15 @@ class Server:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+@dataclass(frozen=True)
+class Checkout:
+    """A checkout of the service, and variables it needs on top of the measure's (an older one may
+    read a variable differently)."""
+
+    root: Path = ROOT
+    env: dict[str, str] = field(default_factory=dict)
 
 
 def pace_env(tokens: int, tokens_per_s: float, ttft_ms: float = 0) -> dict[str, str]:

@@ -20,14 +20,15 @@ def open_files():
 
 
 def test_streams_are_counted_and_cpu_is_read():
-    with srv.service("gevent", 1, srv.pace_env(30, 0)) as server:
-        run = measures.load(server, measures.SSE, 6, 3)
-        assert run.completed == 6 and run.tokens == 6 * 30
+    # Enough tokens for the server's CPU time to show in /proc, which counts in 10 ms ticks.
+    with srv.service("gevent", 1, srv.pace_env(2000, 0)) as server:
+        run = measures.load(server, measures.SSE, 20, 3)
+        assert run.completed == 20 and run.tokens == 20 * 2000
         assert all(s.ttfb is not None and s.ttfd is not None and s.error is None for s in run.streams)
         assert run.cpu_s > 0 and run.rss_peak > 0
         assert 1 <= running_at_once(run.streams) <= 3
-        row = measures._concurrency_row("service", 6, run)
-        assert row["complete"] == 6 and "TTFB p99 ms" in report.table([row])
+        row = measures._concurrency_row("service", 20, run)
+        assert row["complete"] == 20 and "TTFB p99 ms" in report.table([row])
 
 
 def test_disconnect_after_n_events_and_cut_off_window():
