@@ -1,12 +1,14 @@
 """The stream engine: one answer is an append-only log of events.
 
 A producer thread (a greenlet under gevent, which patches `threading`) reads the provider's reply
-and appends events; every response generator tails the log from its own offset with a timed wait.
+and appends events; every response generator tails the log from its own offset.
+
 Waking the readers costs one `threading.Event` per append: the producer swaps in a fresh one and
 sets the old one, which every reader that found nothing new is waiting on. Under gevent that is
 a third of the cost of a `Condition`, whose wait and notify are written in Python. A reader waits
 without a timeout: when its heartbeat or a deadline falls due first, the process's `Clock` wakes
 it (a timer for each wait was an eighth of the cost of a token).
+
 The reader owns time: it sends heartbeats, enforces the first-token, idle and total deadlines, and
 takes everything appended since its last write as one chunk, so writes coalesce by themselves when
 tokens outrun the socket. When the last reader leaves and `RESUME_GRACE_S` has passed, the answer
@@ -263,11 +265,13 @@ class Clock:
     def __init__(self) -> None:
         self.answers: set[Answer] = set()
         self._pid = 0
+        self._lock = threading.Lock()
 
     def watch(self, answer: Answer) -> None:
-        if self._pid != os.getpid():  # started lazily, and again in a forked child
-            self._pid = os.getpid()
-            start_thread(self._run, "reader-clock")
+        with self._lock:
+            if self._pid != os.getpid():  # started lazily, and again in a forked child
+                self._pid = os.getpid()
+                start_thread(self._run, "reader-clock")
         self.answers.add(answer)
 
     def unwatch(self, answer: Answer) -> None:
