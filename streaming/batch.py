@@ -42,7 +42,7 @@ def batch():
     body = stream_with_context(
         batch_lines(chats, concurrency or min(4, settings.max_batch_concurrency), settings.heartbeat_s, sock)
     )
-    return Response(body, content_type=NDJSONFraming.media_type, headers=STREAM_HEADERS)
+    return Response(body, content_type=NDJSONFraming.media_type, headers=STREAM_HEADERS, direct_passthrough=True)
 
 
 def relay(answer: Answer, index: int, out: queue.SimpleQueue) -> None:
