@@ -8,9 +8,9 @@ from flask import Flask, jsonify
 
 from . import auth, batch, chat, conversations, errors, metrics, openai_api, ui
 from .config import Settings
-from .engine import under_gevent
 from .providers import load_provider
 from .store import open_store
+from .threads import under_gevent
 from .turns import Service, service
 
 

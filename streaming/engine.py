@@ -22,13 +22,13 @@ import math
 import os
 import select
 import socket
-import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
 
 from .config import Settings
 from .providers.base import Finish, ProviderError, Reasoning, Reply, Usage
+from .threads import start_thread
 from .wire import Framing
 
 log = logging.getLogger(__name__)
@@ -288,25 +288,6 @@ class Clock:
 
 
 CLOCK = Clock()
-
-
-def under_gevent() -> bool:
-    """Whether gevent has patched `threading` (the gevent worker), so threads are greenlets."""
-    monkey = sys.modules.get("gevent.monkey")
-    return monkey is not None and monkey.is_module_patched("threading")
-
-
-def start_thread(target: Callable[[], None], name: str) -> None:
-    """Run `target` in a daemon thread. Under gevent it is a raw greenlet: `Thread.start()` waits
-    for the new thread to say it runs, which switches to the hub and lets every other request run
-    first (no response's first byte went out before all the requests that arrived with it had
-    been set up), and a raw greenlet skips the bookkeeping of a `Greenlet` nobody joins."""
-    if under_gevent():
-        from gevent import spawn_raw
-
-        spawn_raw(target)
-    else:
-        threading.Thread(target=target, name=name, daemon=True).start()
 
 
 def tail_events(answer: Answer, offset: int = 0) -> Iterator[list[dict]]:

@@ -83,6 +83,28 @@ def test_a_version_3_file_upgrades_with_its_streams_and_owners(serve, tmp_path):
     assert mine.status_code == 200 and mine.json()["messages"][0]["status"] == "streaming"
 
 
+
+@pytest.mark.parametrize("worker_class", ["sync", "gevent"])
+def test_turns_reach_the_database_file_while_the_service_runs(serve, tmp_path, worker_class):
+    """The write-ahead log is copied into the database file as the service runs, not only once
+    1,000 pages have piled up: a finished turn shows in the file itself, read without the log."""
+    db = tmp_path / "checkpointed.db"
+    server = serve(worker_class, db=db)
+    got = read_sse(server.url + "/chat/sse", json_body={"prompt": "into the file"})
+    message_id = got.events[0]["message_id"]
+
+    def in_the_file() -> bool:
+        reader = sqlite3.connect(f"file:{db}?immutable=1", uri=True)  # the file alone, no log
+        try:
+            row = reader.execute("SELECT status FROM messages WHERE id = ?", (message_id,)).fetchone()
+        except sqlite3.DatabaseError:  # a page caught mid-write: look again
+            return False
+        finally:
+            reader.close()
+        return row == ("complete",)
+
+    wait_for(in_the_file, what="the turn to be checkpointed into the database file")
+
 def test_list_and_delete(serve):
     server = serve()
     ids = [converse(server.url, f"c{i}", 1) for i in range(3)]

@@ -8,12 +8,16 @@ transaction here lasts a fraction of a millisecond, and under gevent SQLite bloc
 worker anyway. Opening and closing a connection per operation cost far more: closing the last
 connection checkpoints the log every time. Commits do not wait for the disk
 (`synchronous = NORMAL`, safe in WAL mode: a crash of the process loses nothing, a power cut at
-most the last turns, and the file is never corrupted). See docs/performance.md for the figures.
+most the last turns, and the file is never corrupted). The log is copied into the database file
+by a checkpoint every second, in a real thread, instead of by whichever commit crosses 1,000
+pages (SQLite's default): that commit took milliseconds, in the middle of a request, and under
+gevent it stalled every stream of the worker meanwhile. See docs/performance.md for the figures.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import os
 import sqlite3
 import threading
@@ -23,7 +27,10 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 
 from ..config import Settings
+from ..threads import in_real_thread, start_thread
 from . import ConversationBusy, ConversationNotFound, TooManyStreams
+
+log = logging.getLogger(__name__)
 
 SCHEMA = [
     # version 1
@@ -73,6 +80,8 @@ SCHEMA = [
 
 
 class SQLiteStore:
+    CHECKPOINT_S = 1.0
+
     def __init__(self, path: str, settings: Settings) -> None:
         self.path = path
         self.history_chars = settings.history_chars
@@ -104,7 +113,9 @@ class SQLiteStore:
                 self._db.row_factory = sqlite3.Row
                 self._db.execute("PRAGMA foreign_keys = ON")
                 self._db.execute("PRAGMA synchronous = NORMAL")
+                self._db.execute("PRAGMA wal_autocheckpoint = 0")  # see checkpoints()
                 self._pid = os.getpid()
+                start_thread(self.checkpoints, "sqlite-checkpoints")
             db = self._db
             try:
                 db.execute("BEGIN IMMEDIATE")
@@ -114,6 +125,17 @@ class SQLiteStore:
                 if db.in_transaction:
                     db.execute("ROLLBACK")
                 raise
+
+    def checkpoints(self) -> None:
+        """Copy the log into the database file every `CHECKPOINT_S`, for as long as the process
+        lives. PASSIVE never waits for, nor blocks, the workers' reads and writes."""
+        db = sqlite3.connect(self.path, timeout=10, isolation_level=None, check_same_thread=False)
+        while True:
+            time.sleep(self.CHECKPOINT_S)
+            try:
+                in_real_thread(db.execute, "PRAGMA wal_checkpoint(PASSIVE)")
+            except sqlite3.Error:
+                log.exception("checkpointing the SQLite log failed; trying again")
 
     def migrate(self) -> None:
         db = sqlite3.connect(self.path, timeout=10, isolation_level=None)
