@@ -1,7 +1,7 @@
 """`python -m bench` runs the suite (about 10 minutes); `--quick` a short version (about 2).
 
 `--only p1,p2` picks measures; `--before DIR` adds another checkout of the service (e.g. an older
-commit, from `git worktree add`) to P1 and P2, side by side in the same run; `--before-env
+commit, from `git worktree add`) to P1, P2 and P3, side by side in the same run; `--before-env
 NAME=VALUE` sets a variable for that checkout only.
 """
 
@@ -29,7 +29,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
     parser.add_argument("--quick", action="store_true", help="a short version of each measure")
     parser.add_argument("--only", help="comma-separated: " + ",".join(MEASURES))
-    parser.add_argument("--before", type=Path, help="another checkout of the service to compare in P1 and P2")
+    parser.add_argument("--before", type=Path, help="another checkout of the service to compare in P1, P2 and P3")
     parser.add_argument("--before-env", action="append", default=[], metavar="NAME=VALUE",
                         help="a variable for the --before checkout only (e.g. MAX_STREAMS_PER_KEY=100000 for one "
                         "from before 2026-11-25, where 0 refused every stream)")

@@ -165,34 +165,38 @@ def p2_ten_thousand(quick: bool, before: srv.Checkout | None = None) -> list[dic
 
 
 def p3_relay(quick: bool, before: srv.Checkout | None = None) -> list[dict]:
-    """The OpenAI provider relaying a local upstream at 50 tokens/s, against going straight to it."""
+    """The OpenAI provider relaying a local upstream at 50 tokens/s, against going straight to it
+    (measured again next to each relay, so that both see the same machine)."""
     levels = [1, 50] if quick else [1, 50, 200]
     tokens = 50 if quick else 100
     body = {"model": "bench", "stream": True, "messages": [{"role": "user", "content": "bench"}]}
+    checkouts = {"service": srv.Checkout(), **({"service (before)": before} if before else {})}
     rows = []
     with srv.upstream(50, tokens) as upstream:
         env = {"LLM_PROVIDER": "openai", "OPENAI_BASE_URL": upstream.url + "/v1", "OPENAI_API_KEY": "bench"}
-        with srv.service("gevent", 1, env) as relay:
-            load(relay, SSE, 5, 5)
-            for level in levels:
-                requests = 20 if level == 1 else level
-                ramp = level / 200
-                direct = load(upstream, "/v1/chat/completions", requests, level, ramp_s=ramp, body=body)
-                relayed = load(relay, SSE, requests, level, ramp_s=ramp)
-                rows.append(
-                    {
-                        "streams": level,
-                        "complete": f"{relayed.completed}/{requests}",
-                        "TTFT p50 ms direct": direct.ms("ttfd", 0.5),
-                        "TTFT p50 ms relayed": relayed.ms("ttfd", 0.5),
-                        "added p50 ms": relayed.ms("ttfd", 0.5) - direct.ms("ttfd", 0.5),
-                        "TTFT p99 ms direct": direct.ms("ttfd", 0.99),
-                        "TTFT p99 ms relayed": relayed.ms("ttfd", 0.99),
-                        "added p99 ms": relayed.ms("ttfd", 0.99) - direct.ms("ttfd", 0.99),
-                        "CPU s / M tokens relayed": relayed.cpu_s / max(relayed.tokens, 1) * 1e6,
-                        "errors": relayed.errors(),
-                    }
-                )
+        for name, checkout in checkouts.items():
+            with srv.service("gevent", 1, {**env, **checkout.env}, checkout.root) as relay:
+                load(relay, SSE, 5, 5)
+                for level in levels:
+                    requests = 20 if level == 1 else level
+                    ramp = level / 200
+                    direct = load(upstream, "/v1/chat/completions", requests, level, ramp_s=ramp, body=body)
+                    relayed = load(relay, SSE, requests, level, ramp_s=ramp)
+                    rows.append(
+                        {
+                            "server": name,
+                            "streams": level,
+                            "complete": f"{relayed.completed}/{requests}",
+                            "TTFT p50 ms direct": direct.ms("ttfd", 0.5),
+                            "TTFT p50 ms relayed": relayed.ms("ttfd", 0.5),
+                            "added p50 ms": relayed.ms("ttfd", 0.5) - direct.ms("ttfd", 0.5),
+                            "TTFT p99 ms direct": direct.ms("ttfd", 0.99),
+                            "TTFT p99 ms relayed": relayed.ms("ttfd", 0.99),
+                            "added p99 ms": relayed.ms("ttfd", 0.99) - direct.ms("ttfd", 0.99),
+                            "CPU s / M tokens relayed": relayed.cpu_s / max(relayed.tokens, 1) * 1e6,
+                            "errors": relayed.errors(),
+                        }
+                    )
     return rows
 
 

@@ -101,6 +101,7 @@ class Answer:
                     self.usage = {"prompt_tokens": chunk.prompt_tokens, "completion_tokens": chunk.completion_tokens}
                 elif isinstance(chunk, Finish):
                     self.finish_reason = chunk.reason
+                    self._finish(None)  # now: the reply may still read the end of its body
         except ProviderError as exc:
             error = {"code": exc.code, "message": exc.message}
         except Exception:
@@ -109,17 +110,24 @@ class Answer:
                 error = {"code": "upstream_error", "message": "the model failed unexpectedly"}
         finally:
             self.reply.close()
+        self._finish(error)
+
+    def _finish(self, error: dict | None) -> None:
+        """Save the turn, then append the terminal event (unless `stop()` did); once only."""
         with self._lock:  # from here on only this thread touches the log
+            if self._produced:
+                return
             self._produced = True
-            if not self.ended:
+            stopped = self.ended
+            if not stopped:
                 self.error = error
                 terminal = self._done_event() if error is None else {"type": "error", "error": error}
         if self.on_end is not None:
             try:  # saved before the terminal event goes out, so that the next turn sees it
-                self.on_end(self, self.events(0) if self.ended else [*self.events(0), terminal])
+                self.on_end(self, self.events(0) if stopped else [*self.events(0), terminal])
             except Exception:
                 log.exception("saving the turn failed")
-        if not self.ended:
+        if not stopped:
             self._end(terminal)
         self.saved.set()
 

@@ -12,11 +12,15 @@ The answer is deterministic: ``"echo: " + <last user message>`` followed by
 filler words, cut or padded to exactly ``up.tokens`` whitespace-led tokens
 (``"echo:"``, ``" hello"``, ``" lorem"``, ...); ``up.expected_text(...)``
 returns it. Streams are sent as HTTP/1.1 with ``Connection: close`` and no
-Content-Length (the body ends when the socket closes); every SSE frame is
-written and flushed on its own.
+Content-Length (the body ends when the socket closes), or with ``keep_alive``
+as chunked bodies on a connection that stays open for the next request, as
+real servers do; every SSE frame is written and flushed on its own.
 
 Behaviour knobs are plain attributes, read once when a request arrives:
 
+* ``keep_alive`` (False): chunked streams on connections that are kept.
+* ``hold_after_done`` (False): after ``[DONE]`` the body does not end; the
+  connection stays open until the client or the server goes away.
 * ``tokens`` (20), ``tokens_per_s`` (0 = no pacing), ``ttft_s`` (delay after
   the headers, before the first data frame), ``reasoning_tokens`` (that many
   ``{"reasoning_content": "think "}`` chunks before the content).
@@ -31,7 +35,7 @@ Behaviour knobs are plain attributes, read once when a request arrives:
   ``malformed_after`` (``data: {not json``, then close).
 
 Recordings: ``requests`` (JSON bodies, in arrival order), ``last_authorization``,
-``closed_by_client``, ``active_streams``.
+``closed_by_client``, ``connections`` (accepted), ``active_streams``.
 """
 
 from __future__ import annotations
@@ -61,6 +65,8 @@ _ERRORS = {
 }
 
 _DEFAULTS: dict[str, Any] = {
+    "keep_alive": False,
+    "hold_after_done": False,
     "tokens": 20,
     "tokens_per_s": 0.0,
     "ttft_s": 0.0,
@@ -151,6 +157,7 @@ class FakeUpstream:
         self.requests: list[dict[str, Any]] = []
         self.last_authorization: str | None = None
         self.closed_by_client = 0
+        self.connections = 0
 
     # -- helpers for tests -------------------------------------------------
 
@@ -226,10 +233,11 @@ def _prompt_tokens(messages: Any) -> int:
 
 
 class _Handler(BaseHTTPRequestHandler):
-    """One connection = one request; always ``Connection: close``."""
+    """One connection = one request (``Connection: close``), but for streams with ``keep_alive``."""
 
     protocol_version = "HTTP/1.1"
     upstream: FakeUpstream
+    chunked = False  # this stream's body is chunked (``keep_alive``)
 
     def log_message(self, format: str, *args: Any) -> None:
         pass  # keep test output quiet
@@ -238,6 +246,7 @@ class _Handler(BaseHTTPRequestHandler):
         super().setup()
         with self.upstream._lock:
             self.upstream._connections.add(self.connection)
+            self.upstream.connections += 1
 
     def finish(self) -> None:
         try:
@@ -356,15 +365,19 @@ class _Handler(BaseHTTPRequestHandler):
     def _stream(self, body: dict[str, Any]) -> None:
         up = self.upstream
         up._bump("active_streams")
+        self.chunked = bool(up.keep_alive)
+        whole = False
         try:
-            self._stream_body(body)
+            whole = self._stream_body(body)
         except ClientGone:
             up._note_client_gone()
         finally:
-            self.close_connection = True
+            self.close_connection = not (self.chunked and whole)
+            self.chunked = False
             up._bump("active_streams", -1)
 
-    def _stream_body(self, body: dict[str, Any]) -> None:
+    def _stream_body(self, body: dict[str, Any]) -> bool:
+        """The stream; True when it ended with ``[DONE]``."""
         up = self.upstream
         # Snapshot the knobs so a test changing them mid-stream does not matter.
         self.knobs = {name: getattr(up, name) for name in _DEFAULTS}
@@ -392,7 +405,10 @@ class _Handler(BaseHTTPRequestHandler):
         self.send_response(200)
         self.send_header("Content-Type", "text/event-stream; charset=utf-8")
         self.send_header("Cache-Control", "no-cache")
-        self.send_header("Connection", "close")
+        if self.chunked:
+            self.send_header("Transfer-Encoding", "chunked")
+        else:
+            self.send_header("Connection", "close")
         try:
             self.end_headers()
         except (BrokenPipeError, ConnectionResetError, ConnectionAbortedError) as exc:
@@ -405,13 +421,13 @@ class _Handler(BaseHTTPRequestHandler):
         sent = 0  # content tokens sent so far
         for i, (field, text) in enumerate(steps):
             if field == "content" and self._fail_midstream(sent):
-                return
+                return False
             if rate and i:
                 self._pause(start + i / rate - time.monotonic())
             self._send_frame(chunk({field: text}))
             sent += field == "content"
         if self._fail_midstream(sent):
-            return
+            return False
 
         self._send_frame(chunk({}, "stop"))
         if include_usage:
@@ -424,6 +440,12 @@ class _Handler(BaseHTTPRequestHandler):
             }
             self._send_frame(dict(base, choices=[], usage=usage))
         self._write_raw(b"data: [DONE]\n\n")
+        if self.knobs["hold_after_done"]:
+            self._hang()
+            return False
+        if self.chunked:
+            self._write_raw(b"")  # the last chunk
+        return True
 
     def _fail_midstream(self, sent: int) -> bool:
         """Apply a failure mode due after ``sent`` content tokens; True if the stream ends here."""
@@ -449,6 +471,8 @@ class _Handler(BaseHTTPRequestHandler):
         self._write_raw(b"data: " + json.dumps(payload).encode() + b"\n\n")
 
     def _write_raw(self, data: bytes) -> None:
+        if self.chunked:
+            data = b"%X\r\n%s\r\n" % (len(data), data)
         try:
             self.wfile.write(data)
             self.wfile.flush()

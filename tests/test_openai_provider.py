@@ -73,6 +73,33 @@ def test_silent_upstream_times_out_and_is_closed(serve, upstream, worker_class):
     assert (turn["status"], turn["error_code"], turn["content"]) == ("error", "upstream_timeout", got.text)
 
 
+@pytest.mark.parametrize("worker_class", WORKER_CLASSES)
+def test_answers_reuse_the_upstream_connection(serve, upstream, worker_class):
+    """A whole answer leaves its connection to the next one; one cut short does not."""
+    upstream.keep_alive, upstream.tokens = True, 5
+    server = relay(serve, upstream, worker_class)
+    for prompt in ("one", "two", "three"):
+        got = read_sse(server.url + "/chat/sse", json_body={"prompt": prompt})
+        assert got.text == upstream.expected_text(prompt) and got.events[-1]["type"] == "done"
+    assert upstream.connections == 1
+    upstream.tokens, upstream.hang_after = 1000, 2
+    read_sse(server.url + "/chat/sse", json_body={"prompt": "x"}, until=lambda got: got.text)
+    upstream.wait_for(lambda: upstream.closed_by_client == 1)
+    upstream.tokens, upstream.hang_after = 5, None
+    got = read_sse(server.url + "/chat/sse", json_body={"prompt": "after"})
+    assert got.text == upstream.expected_text("after")
+    assert upstream.connections == 2
+
+
+def test_an_upstream_holding_its_body_open_after_done_does_not_hold_the_answer(serve, upstream):
+    upstream.keep_alive, upstream.hold_after_done, upstream.tokens = True, True, 5
+    server = relay(serve, upstream)
+    got = read_sse(server.url + "/chat/sse", json_body={"prompt": "x"})
+    assert got.text == upstream.expected_text("x") and got.events[-1]["type"] == "done"
+    turn = server.get(f"/conversations/{got.events[0]['conversation_id']}").json()["messages"][-1]
+    assert (turn["status"], turn["content"]) == ("complete", got.text)
+
+
 @pytest.mark.parametrize(
     ("fault", "status", "code"),
     [(429, 429, "rate_limited"), (500, 503, "upstream_error"), (401, 503, "upstream_error"),

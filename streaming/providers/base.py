@@ -22,6 +22,9 @@ class Usage:
 
 @dataclass(frozen=True, slots=True)
 class Finish:
+    """The answer is whole: the last chunk of a reply that did not fail. The engine ends the
+    answer on it, and keeps iterating only to let the reply read the end of its body."""
+
     reason: str
 
 
