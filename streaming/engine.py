@@ -256,10 +256,6 @@ class Answer:
             "total": f"the answer took longer than {s.max_stream_s:g} s",
         }[limit]
 
-    def collect(self) -> list[dict]:
-        """Every event, once the answer has ended (for the blocking endpoint)."""
-        return [event for batch in tail_events(self) for event in batch]
-
 
 class Clock:
     """Wakes the readers of each watched answer when the first of them falls due.

@@ -11,14 +11,16 @@ from __future__ import annotations
 import json
 import logging
 import sys
+import time
 import uuid
+from contextlib import closing
 from dataclasses import dataclass, field
 
 from flask import Response, current_app, g, request, stream_with_context
 
 from . import metrics
 from .config import Settings
-from .engine import INTERRUPTED, Answer, frames, peer_closed
+from .engine import INTERRUPTED, Answer, frames, peer_closed, tail_events
 from .errors import ApiError
 from .params import ChatRequest
 from .providers.base import Provider, ProviderError
@@ -124,8 +126,20 @@ def save_turn(svc: Service, answer: Answer, events: list[dict]) -> None:
 
 def collect(answer: Answer) -> list[dict]:
     """Every event of an answer that succeeded (the non-streaming endpoints); a failure is an
-    ApiError, since nothing has been sent yet."""
-    events = answer.collect()
+    ApiError, since nothing has been sent yet.
+
+    The client is looked at once a heartbeat while the model writes: when it has gone, the
+    answer is stopped (and saved as interrupted) instead of running on for nobody."""
+    sock = request.environ.get("gunicorn.socket")
+    every_s, looked = answer.settings.heartbeat_s, time.monotonic()
+    events: list[dict] = []
+    with closing(tail_events(answer)) as batches:  # leaving early stops the answer, as for a stream
+        for batch in batches:
+            events += batch
+            if sock is not None and time.monotonic() - looked >= every_s:
+                looked = time.monotonic()
+                if peer_closed(sock):
+                    raise ApiError(499, INTERRUPTED, "the client went away before the answer was complete")
     if events[-1]["type"] == "error":
         error = events[-1]["error"]
         raise ApiError(503 if error["code"].startswith("upstream") else 500, error["code"], error["message"])

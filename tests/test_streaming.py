@@ -130,6 +130,21 @@ def test_blocking_answer(serve, worker_class):
 
 
 @pytest.mark.parametrize("worker_class", WORKER_CLASSES)
+@pytest.mark.parametrize("path", ["/chat/blocking", "/v1/chat/completions"])
+def test_whole_answer_stops_when_its_client_leaves(serve, worker_class, path):
+    """A client that gives up on a whole answer does not leave the model writing for nobody."""
+    server = serve(worker_class, DEMO_TOKENS=1000, DEMO_TOKENS_PER_S=20, HEARTBEAT_S=0.2)
+    body = {"messages": [{"role": "user", "content": "slow"}]} if path.startswith("/v1") else {"prompt": "slow"}
+    with pytest.raises(requests.exceptions.ReadTimeout):
+        requests.post(server.url + path, json=body, timeout=(5, 0.5))
+    wait_for(lambda: server.get("/healthz").json()["streams_in_flight"] == 0, what="the answer to be stopped")
+    conversation_id = server.get("/conversations").json()["conversations"][0]["id"]
+    turn = server.get(f"/conversations/{conversation_id}").json()["messages"][-1]
+    assert (turn["status"], turn["error_code"]) == ("interrupted", "interrupted")
+    assert 0 < len(turn["content"]) < len(" word") * 1000  # what was written before it stopped is kept
+
+
+@pytest.mark.parametrize("worker_class", WORKER_CLASSES)
 def test_bad_input_is_a_json_4xx(serve, worker_class):
     server = serve(worker_class, MAX_PROMPT_CHARS=50, MAX_BODY_BYTES=2000)
     cases = [
