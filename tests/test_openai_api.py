@@ -308,6 +308,18 @@ def test_chained_through_the_openai_provider(serve, tmp_path, worker_class):
     assert turn["status"] == "interrupted" and turn["content"].startswith(text_of(received))
 
 
+def test_chained_timeout_keeps_its_code(serve, tmp_path):
+    """B's model goes silent and B times it out: A's client is told it timed out, not that it failed."""
+    b = serve("gevent", db=tmp_path / "b.db", DEMO_HANG_AFTER=3, IDLE_TIMEOUT_S=0.5, HEARTBEAT_S=0.2)
+    a = serve("gevent", db=tmp_path / "a.db", LLM_PROVIDER="openai", OPENAI_BASE_URL=b.url + "/v1",
+              LLM_MODEL="demo", IDLE_TIMEOUT_S=30, HEARTBEAT_S=0.2)
+    with client(a) as sdk:
+        with pytest.raises(openai.APIError) as info:
+            list(sdk.chat.completions.create(model="demo", messages=HI, stream=True))
+    assert info.value.code == "upstream_timeout"
+    assert info.value.message == "the model server did not answer in time"
+
+
 def test_reasoning_streams_apart(serve):
     """Reasoning that an upstream streams apart comes out as `reasoning_content`, as it went in."""
     with FakeUpstream() as up:

@@ -52,6 +52,14 @@ def provider_error(exc: Exception) -> ProviderError:
     return ProviderError("upstream_error", "the model server sent a broken or failed stream")
 
 
+def mid_answer_error(error: object) -> ProviderError:
+    """An upstream's `{"error": ...}` frame: its code is kept when it is another copy of this
+    service saying that its own model went silent; nothing else of it is passed on."""
+    if isinstance(error, dict) and error.get("code") == "upstream_timeout":
+        return ProviderError("upstream_timeout", "the model server did not answer in time")
+    return ProviderError("upstream_error", "the model server failed mid-answer")
+
+
 class OpenAIProvider:
     name = "openai"
 
@@ -108,7 +116,7 @@ class OpenAIReply:
                     break
                 chunk = json.loads(data)
                 if chunk.get("error"):
-                    raise ProviderError("upstream_error", "the model server failed mid-answer")
+                    raise mid_answer_error(chunk["error"])
                 if chunk.get("usage"):
                     yield Usage(chunk["usage"]["prompt_tokens"], chunk["usage"]["completion_tokens"])
                 if not chunk.get("choices"):
