@@ -20,11 +20,12 @@ _CJK = "\u3040-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uac00-\ud7af\uf900-\ufaff\uff00-
 # The pieces always join back to the text: nothing is dropped or split inside a character.
 _TOKEN = re.compile(rf"\s*(?:[{_CJK}]|[^\s{_CJK}]+)|\s+")
 _CJK_CHAR = re.compile(f"[{_CJK}]")
-_WORDS = (
+# The filler tokens, made once: a copy per answer was 1.7 KB of every open stream.
+_WORDS = tuple(" " + word for word in (
     "streaming tokens flow from the model through the engine to the socket as soon as they "
     "exist and every reader tails the same log so nothing waits for the whole answer"
-).split()
-_HANZI = "流式输出让用户立刻看到回答的每一个字而不必等待全部生成完成"
+).split())
+_HANZI = tuple("流式输出让用户立刻看到回答的每一个字而不必等待全部生成完成")
 _SHORT_PAUSE_S = 0.05  # pauses up to this long sleep; longer ones wait on close()
 
 
@@ -87,9 +88,9 @@ class DemoReply:
 def answer_tokens(prompt: str, turn: int, length: int) -> list[str]:
     """The demo's answer as tokens: the quote in full, then filler up to `length` tokens."""
     if _CJK_CHAR.search(prompt):
-        head, filler = f"这是第 {turn} 轮对话。你说：「{prompt}」。", list(_HANZI)
+        head, filler = f"这是第 {turn} 轮对话。你说：「{prompt}」。", _HANZI
     else:
-        head, filler = f'This is turn {turn}. You said: "{prompt}".', [" " + w for w in _WORDS]
+        head, filler = f'This is turn {turn}. You said: "{prompt}".', _WORDS
     tokens = tokenize(head)
     start = zlib.crc32(prompt.encode("utf-8", "surrogatepass")) % len(filler)  # the seed
     tokens += [filler[(start + i) % len(filler)] for i in range(length - len(tokens))]
