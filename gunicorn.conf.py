@@ -23,7 +23,11 @@ worker_class = settings.worker_class
 workers = int(os.environ.get("WEB_CONCURRENCY", "2"))
 # gunicorn turns `sync` into gthread when threads > 1, so only gthread gets more than one.
 threads = int(os.environ.get("THREADS", "32")) if worker_class == "gthread" else 1
-worker_connections = int(os.environ.get("WORKER_CONNECTIONS", "1000"))  # gevent: streams per worker
+# The connections a worker holds at once: gevent's streams. A gthread worker accepts while it
+# holds fewer than this, and past its threads it only queues them, each behind a whole stream,
+# while another worker may have threads free: it takes its threads' worth and 8 idle keep-alive
+# connections (a browser's), and leaves the rest in the listen backlog, to any worker.
+worker_connections = int(os.environ.get("WORKER_CONNECTIONS", threads + 8 if worker_class == "gthread" else 1000))
 # The sync worker heartbeats only between requests: a stream longer than `timeout` would get it
 # killed, so there it must outlast the longest stream. gthread and gevent heartbeat on their own.
 timeout = int(settings.max_stream_s + 30) if worker_class == "sync" else 30

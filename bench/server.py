@@ -161,7 +161,7 @@ def service(worker_class: str, workers: int = 1, env: dict[str, str] | None = No
         "PORT": str(port),
         "HOST": "127.0.0.1",
         "DATABASE_URL": f"sqlite:///{db}",
-        "WORKER_CONNECTIONS": "12000",
+        **({"WORKER_CONNECTIONS": "12000"} if worker_class == "gevent" else {}),
         "THREADS": "32",
         "GRACEFUL_TIMEOUT_S": "3",
         "MAX_STREAMS_PER_WORKER": "100000",

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import select
 import socket
 
 import pytest
@@ -203,3 +204,23 @@ def test_silent_disconnect_is_noticed(serve, worker_class):
             while b"This is" not in received:
                 received += sock.recv(4096)
         wait_for(lambda: server.get("/healthz").json()["streams_in_flight"] == 0, what="the answer to stop")
+
+
+def test_gthread_workers_share_the_streams(serve):
+    """A gthread worker takes no more streams than its threads can run (and a few idle
+    connections): the others wait in the listen backlog for whichever worker is free, not in
+    the queue of a busy one while another worker's threads sit idle."""
+    server = serve("gthread", WEB_CONCURRENCY=2, THREADS=2, DEMO_HANG_AFTER=1, IDLE_TIMEOUT_S=600)
+    port = int(server.url.rsplit(":", 1)[1])
+    clients = [socket.create_connection(("127.0.0.1", port), timeout=30) for _ in range(24)]
+    try:
+        for client in clients:
+            client.sendall(b"GET /chat?prompt=hold HTTP/1.1\r\nHost: test\r\n\r\n")
+
+        def answered() -> int:
+            return len(select.select(clients, [], [], 0)[0])
+
+        wait_for(lambda: answered() == 4, what="both workers' two threads to start a stream each")
+    finally:
+        for client in clients:
+            client.close()
