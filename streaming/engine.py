@@ -196,16 +196,16 @@ class Answer:
         self.reply.close()
 
     def attach(self) -> None:
-        with self._lock:
+        with self._lock:  # the clock watches an answer exactly while it has readers
             self._readers += 1
-        CLOCK.watch(self)
+            CLOCK.watch(self)
 
     def detach(self) -> None:
         with self._lock:
             self._readers -= 1
+            if self._readers == 0:
+                CLOCK.unwatch(self)
             abandoned = self._readers == 0 and not self.ended
-        if self._readers == 0:
-            CLOCK.unwatch(self)
         if not abandoned:
             return
         if self.settings.resume_grace_s > 0:
