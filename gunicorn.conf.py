@@ -7,11 +7,14 @@ the OpenAI SDK and httpx2, which gevent must patch first, are imported only in t
 """
 
 import os
+import shutil
 import tempfile
 
 # Prometheus multiprocess mode: every worker writes its samples to one fresh directory, which
-# must be named before anything imports prometheus_client (importing `streaming` does).
-if not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+# must be named before anything imports prometheus_client (importing `streaming` does). One made
+# here is removed when the master exits (see `on_exit`).
+made_metrics_dir = not os.environ.get("PROMETHEUS_MULTIPROC_DIR")
+if made_metrics_dir:
     os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="streaming-metrics-")
 
 from streaming.config import Settings  # noqa: E402
@@ -44,6 +47,13 @@ def on_starting(server):
     os.makedirs(directory, exist_ok=True)
     for name in os.listdir(directory):
         os.remove(os.path.join(directory, name))
+
+
+def on_exit(server):
+    """Remove the metrics directory made at start, unless a new master (`kill -USR2`) took it over:
+    gunicorn keeps its listening sockets on the same condition."""
+    if made_metrics_dir and server.reexec_pid == server.master_pid == 0:
+        shutil.rmtree(os.environ["PROMETHEUS_MULTIPROC_DIR"], ignore_errors=True)
 
 
 def child_exit(server, worker):

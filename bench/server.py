@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import os
 import resource
+import shutil
 import signal
 import socket
 import subprocess
@@ -80,10 +81,15 @@ def rss_bytes(pids: list[int]) -> int:
 
 
 class Server:
-    """A server process started with `argv` and `env`; `url`, `pids()`, `cpu()`, `rss()`, `stop()`."""
+    """A server process started with `argv` and `env`; `url`, `pids()`, `cpu()`, `rss()`, `stop()`.
 
-    def __init__(self, argv: list[str], env: dict[str, str], port: int, name: str, cwd: Path = ROOT) -> None:
+    `scratch`, a directory of its files, is removed when it stops."""
+
+    def __init__(
+        self, argv: list[str], env: dict[str, str], port: int, name: str, cwd: Path = ROOT, scratch: Path | None = None
+    ) -> None:
         self.name = name
+        self.scratch = scratch
         self.url = f"http://127.0.0.1:{port}"
         self.log = Path(tempfile.mkstemp(prefix=f"bench-{name}-", suffix=".log")[1])
         self.process = subprocess.Popen(
@@ -130,6 +136,8 @@ class Server:
                         pass
                 self.process.wait()
         self.log.unlink(missing_ok=True)
+        if self.scratch is not None:
+            shutil.rmtree(self.scratch, ignore_errors=True)
 
     def __enter__(self) -> Server:
         return self
@@ -154,13 +162,13 @@ def pace_env(tokens: int, tokens_per_s: float, ttft_ms: float = 0) -> dict[str, 
 def service(worker_class: str, workers: int = 1, env: dict[str, str] | None = None, root: Path = ROOT) -> Server:
     """The service (the checkout at `root`) under gunicorn with `worker_class`, on a fresh SQLite file."""
     port = free_port()
-    db = Path(tempfile.mkdtemp(prefix="bench-db-")) / "bench.db"
+    scratch = Path(tempfile.mkdtemp(prefix="bench-db-"))
     full = {
         "WORKER_CLASS": worker_class,
         "WEB_CONCURRENCY": str(workers),
         "PORT": str(port),
         "HOST": "127.0.0.1",
-        "DATABASE_URL": f"sqlite:///{db}",
+        "DATABASE_URL": f"sqlite:///{scratch / 'bench.db'}",
         **({"WORKER_CONNECTIONS": "12000"} if worker_class == "gevent" else {}),
         "THREADS": "32",
         "GRACEFUL_TIMEOUT_S": "3",
@@ -169,7 +177,7 @@ def service(worker_class: str, workers: int = 1, env: dict[str, str] | None = No
         **(env or {}),
     }
     argv = [sys.executable, "-m", "gunicorn", "-c", "gunicorn.conf.py", "--no-control-socket", "--backlog", "4096"]
-    return Server([*argv, "app:app"], full, port, f"{worker_class}x{workers}", cwd=root)
+    return Server([*argv, "app:app"], full, port, f"{worker_class}x{workers}", cwd=root, scratch=scratch)
 
 
 def fastapi_baseline(env: dict[str, str]) -> Server:

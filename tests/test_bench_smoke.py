@@ -29,6 +29,7 @@ def test_streams_are_counted_and_cpu_is_read():
         assert 1 <= running_at_once(run.streams) <= 3
         row = measures._concurrency_row("service", 20, run)
         assert row["complete"] == 20 and "TTFB p99 ms" in report.table([row])
+    assert not server.scratch.exists()  # its SQLite file went with it
 
 
 def test_disconnect_after_n_events_and_cut_off_window():

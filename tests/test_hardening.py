@@ -154,6 +154,18 @@ def test_metrics_count_errors_and_disconnects(serve):
     assert metric(text, 'streams_finished_total{outcome="error"}') == 1
 
 
+def test_metrics_directory_is_removed_when_gunicorn_stops(serve, tmp_path):
+    scratch = tmp_path / "scratch"
+    scratch.mkdir()
+    server = serve(WEB_CONCURRENCY=2, TMPDIR=scratch)
+    read_sse(server.url + "/chat/sse", json_body={"prompt": "ok"})
+    assert "streams_started_total" in server.get("/metrics").text
+    (made,) = scratch.glob("streaming-metrics-*")
+    assert any(made.iterdir())  # the workers' samples
+    server.stop()
+    assert not made.exists()
+
+
 @pytest.mark.parametrize("worker_class", ["sync", "gthread", "gevent"])
 def test_sigterm_ends_running_streams_cleanly(serve, worker_class, tmp_path):
     db = tmp_path / "graceful.db"
