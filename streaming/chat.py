@@ -24,7 +24,7 @@ def chat_text():
 def chat_sse():
     retry_ms = service().settings.sse_retry_ms
     last_event_id = request.headers.get("Last-Event-ID")
-    if last_event_id is not None:
+    if last_event_id:  # an empty id is what an EventSource sends when it saw no event
         return resume(last_event_id, retry_ms)
     answer = begin_answer(chat_request())
     return streamed(answer, SSEFraming(answer.message_id, retry_ms))
@@ -39,6 +39,8 @@ def resume(last_event_id: str, retry_ms: int) -> Response:
     svc, offset = service(), int(seq) + 1
     answer = svc.live.get(message_id)
     if answer is not None and answer.context["key_id"] == g.key_id:
+        if offset > answer.size() or (answer.ended and offset == answer.size()):  # nothing left, or
+            return Response(status=204)  # an id this answer has not sent
         return streamed(answer, SSEFraming(message_id, retry_ms), offset)
     stored = svc.store.message(message_id, g.key_id)
     events = [] if stored is None else stored["events"][offset:]

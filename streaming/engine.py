@@ -313,6 +313,8 @@ def tail_events(answer: Answer, offset: int = 0) -> Iterator[list[dict]]:
                     return
                 last_write = time.monotonic()
                 continue
+            if answer.ended:  # and `offset` is past its end: nothing more will come
+                return
             now = time.monotonic()
             if now >= deadline:
                 answer.stop("upstream_timeout", answer.overdue(limit))

@@ -156,6 +156,26 @@ def test_last_event_id_replays_an_ended_answer(serve, worker_class):
     assert sse_reconnect(server.url, "garbage").status_code == 204
 
 
+@pytest.mark.parametrize("worker_class", ["gthread", "gevent"])
+def test_last_event_id_past_a_live_answer_is_a_204(serve, worker_class):
+    server = serve(worker_class, WEB_CONCURRENCY=1, DEMO_TOKENS=20, DEMO_TOKENS_PER_S=40, HEARTBEAT_S=0.2)
+    live = requests.get(server.url + "/chat/sse", params={"prompt": "live"}, stream=True, timeout=30)
+    message_id = live.headers["X-Message-Id"]
+    assert sse_reconnect(server.url, f"{message_id}:999").status_code == 204  # an event it never sent
+    whole = read_sse(server.url + "/chat/sse", method="GET", headers={"Last-Event-ID": f"{message_id}:1"})
+    assert whole.events[-1]["type"] == "done"  # the rest of the live answer, from its first delta
+    live.close()
+    # The worker is still free to answer: a reader past the end once kept it busy for good.
+    assert read_sse(server.url + "/chat/sse", json_body={"prompt": "next"}).events[-1]["type"] == "done"
+
+
+def test_an_empty_last_event_id_starts_an_answer(serve):
+    server = serve("gevent", DEMO_TOKENS=5)
+    got = read_sse(server.url + "/chat/sse", json_body={"prompt": "first visit"}, headers={"Last-Event-ID": ""})
+    assert got.events[0]["type"] == "start" and got.events[-1]["type"] == "done"
+    assert 'You said: "first visit"' in got.text
+
+
 def test_last_event_id_replays_an_interrupted_answer(serve):
     server = serve("gevent", DEMO_TOKENS_PER_S=50, DEMO_TOKENS=5000, HEARTBEAT_S=0.2)
     got = read_sse(server.url + "/chat/sse", json_body={"prompt": "x"}, until=lambda got: len(got.of("delta")) >= 2)
