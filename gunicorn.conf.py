@@ -82,8 +82,10 @@ def post_worker_init(worker):
             import gevent
 
             gevent.spawn_later(deadline, end_streams)
-        else:
-            threading.Timer(deadline, end_streams).start()
+        else:  # a daemon: an idle worker must not wait for it before it exits
+            timer = threading.Timer(deadline, end_streams)
+            timer.daemon = True
+            timer.start()
         gunicorn_handler(signum, frame)
 
     signal.signal(signal.SIGTERM, on_sigterm)

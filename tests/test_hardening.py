@@ -167,6 +167,14 @@ def test_metrics_directory_is_removed_when_gunicorn_stops(serve, tmp_path):
 
 
 @pytest.mark.parametrize("worker_class", ["sync", "gthread", "gevent"])
+def test_sigterm_stops_an_idle_server_at_once(serve, worker_class):
+    server = serve(worker_class, GRACEFUL_TIMEOUT_S=300)
+    assert read_sse(server.url + "/chat/sse", json_body={"prompt": "before the restart"}).events[-1]["type"] == "done"
+    server.process.send_signal(signal.SIGTERM)
+    assert server.process.wait(timeout=60) == 0  # not after the 300 s that streams would be given
+
+
+@pytest.mark.parametrize("worker_class", ["sync", "gthread", "gevent"])
 def test_sigterm_ends_running_streams_cleanly(serve, worker_class, tmp_path):
     db = tmp_path / "graceful.db"
     server = serve(worker_class, db=db, GRACEFUL_TIMEOUT_S=4, DEMO_TOKENS_PER_S=20, DEMO_TOKENS=100_000,
