@@ -75,7 +75,8 @@ def begin_answer(chat: ChatRequest) -> Answer:
     try:
         conversation_id, messages = svc.store.begin_turn(
             chat.conversation_id, message_id, chat.prompt, chat.system, model, chat.history,
-            owner=g.key_id, max_streams=settings.max_streams_per_key or None,
+            # An open service has no keys to count by: only the per-worker limit holds there.
+            owner=g.key_id, max_streams=(settings.max_streams_per_key or None) if g.key_id else None,
         )
     except ConversationNotFound:
         raise ApiError(404, "not_found", "no such conversation") from None

@@ -111,6 +111,14 @@ def test_zero_means_no_stream_limit(serve):
         response.close()
 
 
+def test_an_open_service_has_no_per_key_limit(serve):
+    server = serve(MAX_STREAMS_PER_KEY=1, DEMO_HANG_AFTER=1, IDLE_TIMEOUT_S=600)
+    held = [hold_stream(server) for _ in range(3)]  # three people without keys, not one key
+    assert server.get("/healthz").json()["streams_in_flight"] == 3
+    for response in held:
+        response.close()
+
+
 def test_streams_per_key_limit(serve):
     server = serve(API_KEYS=f"{ALPHA},{BETA}", MAX_STREAMS_PER_KEY=1, DEMO_HANG_AFTER=1, IDLE_TIMEOUT_S=600,
                    HEARTBEAT_S=0.2, WEB_CONCURRENCY=2)
