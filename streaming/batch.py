@@ -37,6 +37,8 @@ def batch():
     fields.pop("concurrency", None)
     if "conversation_id" in fields:
         raise invalid("each batch item starts its own conversation: 'conversation_id' is not allowed")
+    if "prompt" in fields:
+        raise invalid("a batch takes its prompts as 'prompts': 'prompt' is not allowed")
     chats = [parse_chat_request({**fields, "prompt": p}, settings.max_prompt_chars) for p in prompts]
     sock = request.environ.get("gunicorn.socket")
     body = stream_with_context(

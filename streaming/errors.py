@@ -33,6 +33,14 @@ def error_response(status: int, code: str, message: str, headers: dict | None = 
     return response
 
 
+def http_error_fields(exc: HTTPException) -> tuple[int, str, str, dict]:
+    """Status, code, message and headers (a 405's `Allow`) for one of Werkzeug's HTTP errors."""
+    status = exc.code or 500
+    code = HTTP_CODES.get(status, "invalid_request" if status < 500 else "internal_error")
+    headers = {name: value for name, value in exc.get_headers() if name == "Allow"}
+    return status, code, exc.description or exc.name, headers
+
+
 def init_app(app: Flask) -> None:
     @app.errorhandler(ApiError)
     def api_error(exc: ApiError):
@@ -44,8 +52,7 @@ def init_app(app: Flask) -> None:
 
     @app.errorhandler(HTTPException)
     def http_error(exc: HTTPException):
-        code = HTTP_CODES.get(exc.code or 500, "invalid_request" if (exc.code or 500) < 500 else "internal_error")
-        return error_response(exc.code or 500, code, exc.description or exc.name)
+        return error_response(*http_error_fields(exc))
 
     @app.errorhandler(Exception)
     def unexpected(exc: Exception):

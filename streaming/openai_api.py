@@ -30,7 +30,7 @@ from flask import Blueprint, Response, jsonify, request
 from werkzeug.exceptions import HTTPException
 
 from .engine import Answer
-from .errors import HTTP_CODES, ApiError
+from .errors import ApiError, http_error_fields
 from .params import ChatRequest, invalid, number_field, request_fields, text_field
 from .providers.base import ProviderError
 from .turns import begin_answer, collect, service, streamed
@@ -110,10 +110,8 @@ def provider_error(exc: ProviderError) -> Response:
 
 @bp.errorhandler(HTTPException)
 def http_error(exc: HTTPException) -> Response:
-    status = exc.code or 500
-    code = HTTP_CODES.get(status, "invalid_request" if status < 500 else "internal_error")
-    headers = {name: value for name, value in exc.get_headers() if name == "Allow"}
-    return openai_error(status, code, exc.description or exc.name, headers=headers)
+    status, code, message, headers = http_error_fields(exc)
+    return openai_error(status, code, message, headers=headers)
 
 
 @bp.errorhandler(Exception)

@@ -6,9 +6,12 @@ broken stream.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 from flask import Request
+from gunicorn.http.errors import ParseException
+from werkzeug.datastructures import MultiDict
 
 from .errors import ApiError
 
@@ -34,14 +37,17 @@ def invalid(message: str) -> ApiError:
     return ApiError(400, "invalid_request", message)
 
 
-def request_fields(request: Request) -> dict:
-    """The request's fields: query parameters for GET, the JSON object for POST."""
+def request_fields(request: Request) -> dict | MultiDict:
+    """The request's fields: query parameters for GET (a `MultiDict`, whose values are text),
+    the JSON object for POST."""
     if request.method == "GET":
-        return request.args.to_dict()
+        return request.args
     try:
         body = request.get_json(silent=True)
     except RecursionError:  # `silent` covers ValueError only; a deeply nested body is bad input too
         body = None
+    except (OSError, ParseException):  # gunicorn's, for a body cut short or badly chunked
+        raise invalid("the request body could not be read: it is cut short or badly chunked") from None
     if not isinstance(body, dict):
         raise invalid("the body must be a JSON object (Content-Type: application/json)")
     return body
@@ -62,25 +68,30 @@ def text_field(fields: dict, name: str, max_chars: int | None = None) -> str | N
     return value
 
 
-def number_field(fields: dict, name: str, kind: type, low: float, high: float) -> int | float | None:
+# Numbers as a query string writes them: Python's int() and float() also take "1_0", "١٢" and "inf".
+NUMBER_TEXT = {int: re.compile(r"[+-]?[0-9]+"), float: re.compile(r"[+-]?([0-9]+\.?[0-9]*|\.[0-9]+)([eE][+-]?[0-9]+)?")}
+
+
+def number_field(fields: dict | MultiDict, name: str, kind: type, low: float, high: float) -> int | float | None:
+    """A number in `[low, high]`: a JSON number in a body, decimal digits in a query string."""
     value = fields.get(name)
     if value is None:
         return None
-    if isinstance(value, str):  # from a query string
-        try:
-            value = kind(value)
-        except ValueError:
-            raise invalid(f"'{name}' must be a number") from None
+    what = "a number" if kind is float else "an integer"
+    if isinstance(value, str) and isinstance(fields, MultiDict):  # from a query string
+        if not NUMBER_TEXT[kind].fullmatch(value) or len(value) > 40:  # int() refuses 4,300 digits
+            raise invalid(f"'{name}' must be {what}")
+        value = kind(value)
     if isinstance(value, bool) or not isinstance(value, (int, float) if kind is float else int):
-        raise invalid(f"'{name}' must be {'a number' if kind is float else 'an integer'}")
+        raise invalid(f"'{name}' must be {what}" + (", not a string" if isinstance(value, str) else ""))
     if not low <= value <= high:
         raise invalid(f"'{name}' must be between {low:g} and {high:g}")
     return kind(value)
 
 
-def parse_chat_request(fields: dict, max_prompt_chars: int) -> ChatRequest:
+def parse_chat_request(fields: dict | MultiDict, max_prompt_chars: int) -> ChatRequest:
     """The checked request, from `request_fields()`."""
-    unknown = sorted(set(fields) - set(ChatRequest.__dataclass_fields__) - {"history"})
+    unknown = sorted(set(fields) - (set(ChatRequest.__dataclass_fields__) - {"history"}))  # history: /v1's own
     if unknown:
         raise invalid(f"unknown field(s): {', '.join(unknown)}")
     prompt = text_field(fields, "prompt", max_prompt_chars)

@@ -143,6 +143,8 @@ def collect(answer: Answer) -> list[dict]:
                     raise ApiError(499, INTERRUPTED, "the client went away before the answer was complete")
     if events[-1]["type"] == "error":
         error = events[-1]["error"]
+        if error["code"] == SHUTDOWN:  # the worker is restarting: a retry goes to another one
+            raise ApiError(503, SHUTDOWN, error["message"], {"Retry-After": "1"})
         raise ApiError(503 if error["code"].startswith("upstream") else 500, error["code"], error["message"])
     return events
 

@@ -6,6 +6,7 @@ import hashlib
 import json
 import signal
 import sqlite3
+from concurrent.futures import ThreadPoolExecutor
 
 import openai
 import pytest
@@ -172,6 +173,17 @@ def test_metrics_directory_is_removed_when_gunicorn_stops(serve, tmp_path):
     assert any(made.iterdir())  # the workers' samples
     server.stop()
     assert not made.exists()
+
+
+def test_a_whole_answer_cut_by_a_restart_is_a_503_to_retry(serve):
+    server = serve("gevent", GRACEFUL_TIMEOUT_S=4, DEMO_TOKENS_PER_S=20, DEMO_TOKENS=100_000)
+    with ThreadPoolExecutor(1) as pool:
+        pending = pool.submit(requests.post, server.url + "/chat/blocking", json={"prompt": "long"}, timeout=60)
+        wait_for(lambda: server.get("/healthz").json()["streams_in_flight"] == 1, what="the answer to start")
+        server.process.send_signal(signal.SIGTERM)
+        response = pending.result()
+    assert response.status_code == 503 and response.headers["Retry-After"] == "1"
+    assert response.json()["error"]["code"] == "shutdown"
 
 
 @pytest.mark.parametrize("worker_class", ["sync", "gthread", "gevent"])

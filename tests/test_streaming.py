@@ -165,6 +165,14 @@ def test_bad_input_is_a_json_4xx(serve, worker_class):
         ("POST", "/chat/blocking", {"data": '{"prompt": "\\ud800"}', "headers": JSON}, 400),
         ("POST", "/chat/sse", {"json": {"prompt": "x" * 3000}}, 413),
         ("GET", "/chat/sse", {"params": {"prompt": "hi", "conversation_id": "nope"}}, 404),
+        ("POST", "/chat/sse", {"json": {"prompt": "hi", "max_tokens": "5"}}, 400),  # a string in JSON
+        ("GET", "/chat/sse", {"params": {"prompt": "hi", "max_tokens": "1_0"}}, 400),  # int() would take it
+        ("POST", "/v1/chat/completions", {"json": {"messages": [{"role": "user", "content": "hi"}],
+                                                   "temperature": "0.5"}}, 400),
+        ("POST", "/chat", {"json": {"prompt": "hi", "history": [{"role": "user", "content": "x"}]}}, 400),
+        ("POST", "/batch", {"json": {"prompts": ["a"], "prompt": "b"}}, 400),
+        ("GET", "/chat/blocking", {"params": {"prompt": "hi"}}, 405),
+        ("PUT", "/chat", {}, 405),
     ]
     for method, path, kwargs, status in cases:
         response = requests.request(method, server.url + path, timeout=30, **kwargs)
@@ -173,6 +181,16 @@ def test_bad_input_is_a_json_4xx(serve, worker_class):
         error = response.json()["error"]
         assert error["code"] and error["message"], error
         assert "Traceback" not in response.text
+        if status == 405:
+            assert method not in response.headers["Allow"] and "POST" in response.headers["Allow"]
+    # A chunked body whose first chunk is shorter than its size line says: gunicorn's read fails.
+    broken = (b"POST /chat HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nConnection: close\r\n"
+              b"Transfer-Encoding: chunked\r\n\r\n10\r\n{\"prompt\":\"chun\r\n4\r\nked\"\r\n1\r\n}\r\n0\r\n\r\n")
+    with socket.create_connection(server.url.removeprefix("http://").split(":"), timeout=30) as sock:
+        sock.sendall(broken)
+        reply = b"".join(iter(lambda: sock.recv(65536), b""))
+    assert reply.startswith(b"HTTP/1.1 400 "), reply
+    assert b'"code":"invalid_request"' in reply
 
 
 @pytest.mark.parametrize("worker_class", WORKER_CLASSES)
