@@ -6,7 +6,8 @@ from flask import Blueprint, g, jsonify, request
 
 from .errors import ApiError
 from .params import number_field
-from .turns import service
+from .store import ConversationBusy
+from .turns import busy, service
 
 bp = Blueprint("conversations", __name__, url_prefix="/conversations")
 
@@ -30,6 +31,10 @@ def get_conversation(conversation_id: str):
 
 @bp.delete("/<conversation_id>")
 def delete_conversation(conversation_id: str):
-    if not service().store.delete(conversation_id, g.key_id):
+    try:
+        deleted = service().store.delete(conversation_id, g.key_id)
+    except ConversationBusy:
+        raise busy() from None
+    if not deleted:
         raise ApiError(404, "not_found", "no such conversation")
     return "", 204

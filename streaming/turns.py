@@ -65,6 +65,10 @@ def too_many(message: str) -> ApiError:
     return ApiError(429, "too_many_streams", message, {"Retry-After": "1"})
 
 
+def busy() -> ApiError:
+    return ApiError(409, "conversation_busy", "an answer is still streaming in this conversation")
+
+
 def begin_answer(chat: ChatRequest) -> Answer:
     svc, settings = service(), service().settings
     if 0 < settings.max_streams_per_worker <= len(svc.live):
@@ -81,7 +85,7 @@ def begin_answer(chat: ChatRequest) -> Answer:
     except ConversationNotFound:
         raise ApiError(404, "not_found", "no such conversation") from None
     except ConversationBusy:
-        raise ApiError(409, "conversation_busy", "an answer is still streaming in this conversation") from None
+        raise busy() from None
     except TooManyStreams:
         raise too_many(f"this API key has {settings.max_streams_per_key} streams open already") from None
     try:

@@ -120,17 +120,21 @@ def test_list_and_delete(serve):
     assert response.status_code == 404
 
 
-def test_second_turn_while_streaming_is_409(serve):
+def test_second_turn_or_delete_while_streaming_is_409(serve):
     server = serve("gevent", DEMO_HANG_AFTER=2, IDLE_TIMEOUT_S=600, HEARTBEAT_S=0.2)
     response = requests.post(server.url + "/chat", json={"prompt": "x"}, stream=True, timeout=30)
     conversation_id = response.headers["X-Conversation-Id"]
     busy = server.post("/chat/sse", json={"prompt": "y", "conversation_id": conversation_id})
     assert busy.status_code == 409 and busy.json()["error"]["code"] == "conversation_busy"
+    refused = requests.delete(f"{server.url}/conversations/{conversation_id}", timeout=10)  # its answer would be
+    assert refused.status_code == 409 and refused.json()["error"]["code"] == "conversation_busy"  # lost
     response.close()
     wait_for(lambda: server.get("/healthz").json()["streams_in_flight"] == 0, what="the first answer to stop")
     got = read_sse(server.url + "/chat/sse", json_body={"prompt": "y", "conversation_id": conversation_id},
                    until=lambda got: got.text == "This is")  # the demo hangs after two tokens
     assert got.events[0]["conversation_id"] == conversation_id
+    wait_for(lambda: server.get("/healthz").json()["streams_in_flight"] == 0, what="the second answer to stop")
+    assert requests.delete(f"{server.url}/conversations/{conversation_id}", timeout=10).status_code == 204
 
 
 def sse_reconnect(url: str, last_event_id: str) -> requests.Response:

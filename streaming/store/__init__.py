@@ -54,7 +54,9 @@ class Store(Protocol):
 
     def conversations(self, limit: int, before: float | None, owner: str = "") -> list[dict]: ...
 
-    def delete(self, conversation_id: str, owner: str = "") -> bool: ...
+    def delete(self, conversation_id: str, owner: str = "") -> bool:
+        """Remove the conversation; False when the owner has none of that id, ConversationBusy
+        while an answer in it is streaming (on whichever worker: it would be lost on its end)."""
 
 
 def open_store(settings: Settings, instance_path: str) -> Store:

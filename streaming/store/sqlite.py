@@ -291,6 +291,12 @@ class SQLiteStore:
 
     def delete(self, conversation_id: str, owner: str = "") -> bool:
         with self.connect() as db:
+            if db.execute(
+                "SELECT 1 FROM messages WHERE conversation_id = ? AND owner = ? AND status = 'streaming'"
+                " AND created_at >= ?",
+                (conversation_id, owner, time.time() - self.stale_after_s),
+            ).fetchone():
+                raise ConversationBusy(conversation_id)
             return db.execute(
                 "DELETE FROM conversations WHERE id = ? AND owner = ?", (conversation_id, owner)
             ).rowcount > 0
