@@ -36,6 +36,10 @@ worker_connections = int(os.environ.get("WORKER_CONNECTIONS", threads + 8 if wor
 timeout = int(settings.max_stream_s + 30) if worker_class == "sync" else 30
 graceful_timeout = int(settings.graceful_timeout_s)
 keepalive = 5
+# A GET carries its prompt in the request line: gunicorn's most (its default is 4094 bytes, a
+# prompt of ~450 CJK characters). Its only larger setting, 0, has no limit at all; longer
+# prompts go in a POST body, up to MAX_BODY_BYTES.
+limit_request_line = 8190
 # Off unless ACCESS_LOG names a file ("-" for stdout): each stream's JSON line says more, the
 # host's router logs every request anyway, and the access line cost a tenth of a request's CPU.
 accesslog = os.environ.get("ACCESS_LOG") or None

@@ -183,6 +183,9 @@ def test_bad_input_is_a_json_4xx(serve, worker_class):
         assert "Traceback" not in response.text
         if status == 405:
             assert method not in response.headers["Allow"] and "POST" in response.headers["Allow"]
+    # A request line over gunicorn's default 4094 bytes reaches the app (not gunicorn's HTML 414).
+    long_get = requests.get(server.url + "/chat", params={"prompt": "a" * 6000}, timeout=30)
+    assert long_get.status_code == 400 and "longer than 50 characters" in long_get.json()["error"]["message"]
     # A chunked body whose first chunk is shorter than its size line says: gunicorn's read fails.
     broken = (b"POST /chat HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nConnection: close\r\n"
               b"Transfer-Encoding: chunked\r\n\r\n10\r\n{\"prompt\":\"chun\r\n4\r\nked\"\r\n1\r\n}\r\n0\r\n\r\n")
