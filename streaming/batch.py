@@ -14,6 +14,7 @@ from collections.abc import Iterator
 
 from flask import Blueprint, Response, request, stream_with_context
 
+from . import metrics
 from .engine import INTERRUPTED, Answer, peer_closed, tail_events
 from .errors import ApiError
 from .params import ChatRequest, invalid, number_field, parse_chat_request, request_fields
@@ -81,6 +82,7 @@ def batch_lines(chats: list[ChatRequest], concurrency: int, heartbeat_s: float, 
             except queue.Empty:
                 if sock is not None and peer_closed(sock):
                     return
+                metrics.HEARTBEATS.inc()  # the batch's own: its items' answers count none
                 yield NDJSONFraming.heartbeat
                 continue
             while not out.empty():  # everything waiting goes out as one write

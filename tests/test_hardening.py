@@ -163,6 +163,14 @@ def test_metrics_count_errors_and_disconnects(serve):
     assert metric(text, 'streams_finished_total{outcome="error"}') == 1
 
 
+def test_metrics_count_the_heartbeats_of_a_batch(serve):
+    server = serve(DEMO_HANG_AFTER=1, IDLE_TIMEOUT_S=1, HEARTBEAT_S=0.2)
+    lines = [json.loads(line) for line in server.post("/batch", json={"prompts": ["a", "b"]}).iter_lines() if line]
+    pings = sum(1 for line in lines if line["type"] == "ping")
+    assert pings and lines[-1] == {"type": "batch_done", "ok": 0, "failed": 2}  # both timed out
+    wait_for(lambda: metric(server.get("/metrics").text, "heartbeats_total") == pings, what="the pings counted")
+
+
 def test_metrics_directory_is_removed_when_gunicorn_stops(serve, tmp_path):
     scratch = tmp_path / "scratch"
     scratch.mkdir()
