@@ -66,6 +66,14 @@ def child_exit(server, worker):
     multiprocess.mark_process_dead(worker.pid)
 
 
+def worker_exit(server, worker):
+    """Streams that a restart just ended may still be saving their turns (the timer below is a
+    daemon, so that an idle worker exits at once): the worker waits for them before it ends."""
+    app = getattr(worker, "wsgi", None)
+    if app is not None:
+        app.extensions["streaming"].shut_down(wait_s=1)
+
+
 def post_worker_init(worker):
     """On SIGTERM (a dyno restart) gunicorn stops accepting and lets requests finish for
     `graceful_timeout` seconds before it kills the worker. Streams still running a moment before
