@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import socket
+import threading
+
 import pytest
 import requests
 
@@ -114,12 +117,36 @@ def test_upstream_refusal_is_a_clean_json_error(serve, upstream, fault, status, 
     assert SECRET_DETAIL not in response.text and "sk-test-secret" not in response.text
 
 
-def test_one_retry_where_safe(serve, upstream):
+def test_a_refusal_goes_to_the_client_at_once(serve, upstream):
     upstream.fail_status, upstream.fail_times = 503, 1
     server = relay(serve, upstream)
+    refused = server.post("/chat/sse", json={"prompt": "again"})
+    assert refused.status_code == 503 and refused.json()["error"]["code"] == "upstream_error"
+    assert len(upstream.requests) == 1  # the client retries; the model is asked once a request
     got = read_sse(server.url + "/chat/sse", json_body={"prompt": "again"})
     assert got.text == upstream.expected_text("again")
-    assert len(upstream.requests) == 2
+
+
+@pytest.mark.parametrize("worker_class", WORKER_CLASSES)
+def test_an_upstream_that_sends_no_headers_times_out_at_the_first_token_limit(serve, worker_class):
+    with socket.create_server(("127.0.0.1", 0)) as hole:  # takes connections, never answers
+        accepted: list[socket.socket] = []
+        threading.Thread(target=lambda: accepted.extend(iter(lambda: hole.accept()[0], None)), daemon=True).start()
+        base_url = f"http://127.0.0.1:{hole.getsockname()[1]}/v1"
+        server = serve(worker_class, LLM_PROVIDER="openai", OPENAI_BASE_URL=base_url, FIRST_TOKEN_TIMEOUT_S=1,
+                       IDLE_TIMEOUT_S=60)
+        response = server.post("/chat/sse", json={"prompt": "x"})  # gives up after 30 s
+        assert response.status_code == 503 and response.json()["error"]["code"] == "upstream_timeout"
+        assert len(accepted) == 1  # not asked again: it may be answering the first request
+        for conn in accepted:
+            conn.close()
+
+
+def test_silences_between_tokens_wait_for_the_idle_limit(serve, upstream):
+    upstream.tokens, upstream.tokens_per_s = 3, 0.7  # 1.4 s between tokens
+    server = relay(serve, upstream, FIRST_TOKEN_TIMEOUT_S=1, IDLE_TIMEOUT_S=5)
+    got = read_sse(server.url + "/chat/sse", json_body={"prompt": "slow"})
+    assert got.events[-1]["type"] == "done" and got.text == upstream.expected_text("slow")
 
 
 def test_unreachable_upstream_is_503(serve):

@@ -1,7 +1,7 @@
 """Any OpenAI-compatible server (OpenAI, vLLM, Ollama, llama.cpp server, LiteLLM, another copy of
 this service) through the official SDK, with `stream=True` and usage included.
 
-The SDK makes the request: its auth, retries before the stream starts, timeouts and errors. It
+The SDK makes the request: its auth, timeouts and errors. It
 is made with `client.post(..., cast_to=httpx2.Response)`, the SDK's documented way to any
 endpoint, which hands back the raw streaming response: the typed `create()` spent a quarter of
 the request's time checking parameters against their TypedDicts (ours are checked already), and
@@ -65,12 +65,18 @@ class OpenAIProvider:
 
     def __init__(self, settings: Settings) -> None:
         self.default_model = settings.llm_model or "gpt-4o-mini"
-        read_timeout = max(settings.first_token_timeout_s, settings.idle_timeout_s) + 5
+        # The body's reads may wait as long as the engine lets the model be silent; the engine
+        # ends the answer itself at its deadlines.
+        self.body_read_timeout_s = max(settings.first_token_timeout_s, settings.idle_timeout_s) + 5
         self.client = openai.OpenAI(
             api_key=settings.openai_api_key or "no-key",  # local servers often need none
             base_url=settings.openai_base_url or None,
-            timeout=openai.Timeout(read_timeout, connect=10.0),
-            max_retries=1,  # retried only before a stream starts, where it is safe
+            # Until the response's headers, nothing has been sent to our client: that wait counts
+            # against the first-token limit.
+            timeout=openai.Timeout(settings.first_token_timeout_s, connect=10.0),
+            # Not retried here: a timed-out request may be being answered already, and a refusal
+            # (429, 5xx) goes to our client with its code, whose own SDK retries it.
+            max_retries=0,
         )
 
     def models(self) -> list[str]:
@@ -86,6 +92,8 @@ class OpenAIProvider:
         except openai.OpenAIError as exc:
             log.warning("upstream refused the request: %s", type(exc).__name__)
             raise provider_error(exc) from None
+        # httpx's documented per-request timeouts; the body's reads, not begun yet, take theirs.
+        response.request.extensions["timeout"]["read"] = self.body_read_timeout_s
         return OpenAIReply(response)
 
 
