@@ -20,6 +20,9 @@ def create_app(settings: Settings | None = None) -> Flask:
     app.config["MAX_CONTENT_LENGTH"] = settings.max_body_bytes
     if not logging.getLogger().handlers:
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+        # httpx logs every request's URL at INFO: OPENAI_BASE_URL, with any credentials in it.
+        for name in ("httpx", "httpx2"):
+            logging.getLogger(name).setLevel(logging.WARNING)
     if under_gevent():  # a log record names its thread: a dummy Thread object made for each greenlet
         logging.logThreads = False
     app.extensions["streaming"] = Service(

@@ -47,6 +47,9 @@ def test_relays_the_upstream_answer(serve, upstream, worker_class):
     assert sent["stream"] is True and sent["stream_options"] == {"include_usage": True}
     assert sent["model"] == "fake-model" and sent["max_tokens"] == 50
     assert upstream.last_authorization == "Bearer sk-test-secret"
+    # OPENAI_BASE_URL may hold credentials: it is never logged (httpx logs each request's URL).
+    wait_for(lambda: '"outcome": "complete"' in server.log.read_text(), what="the stream's log line")
+    assert upstream.base_url.removeprefix("http://") not in server.log.read_text()
 
 
 @pytest.mark.parametrize("worker_class", WORKER_CLASSES)
