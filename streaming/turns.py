@@ -88,10 +88,14 @@ def begin_answer(chat: ChatRequest) -> Answer:
         raise busy() from None
     except TooManyStreams:
         raise too_many(f"this API key has {settings.max_streams_per_key} streams open already") from None
+    asked = time.monotonic()
     try:
         reply = svc.provider.stream(messages, {"model": model, **chat.provider_params()})
-    except ProviderError as exc:
+    except ProviderError as exc:  # refused before the first token: a turn that failed all the same
         svc.store.end_turn(message_id, "error", [], exc.code)
+        metrics.stream_started(context["endpoint"])
+        duration_ms = round((time.monotonic() - asked) * 1000)
+        record_end(context, conversation_id, message_id, "error", exc.code, None, 0, duration_ms, 0)
         raise
     answer = Answer(
         reply,
@@ -115,18 +119,24 @@ def save_turn(svc: Service, answer: Answer, events: list[dict]) -> None:
     finally:
         svc.live.pop(answer.message_id, None)
         tokens = sum(1 for e in events if e["type"] == "delta")
-        duration_ms = answer.duration_ms
-        metrics.stream_ended(status, code, answer.ttft_ms, duration_ms, tokens, answer.heartbeats)
-        stream_log.info(json.dumps({
-            **answer.context,
-            "conversation_id": answer.conversation_id,
-            "message_id": answer.message_id,
-            "outcome": status,
-            "error_code": code,
-            "ttft_ms": answer.ttft_ms,
-            "tokens": tokens,
-            "duration_ms": duration_ms,
-        }))
+        record_end(answer.context, answer.conversation_id, answer.message_id, status, code, answer.ttft_ms, tokens,
+                   answer.duration_ms, answer.heartbeats)
+
+
+def record_end(context: dict, conversation_id: str, message_id: str, status: str, code: str | None,
+               ttft_ms: int | None, tokens: int, duration_ms: int, heartbeats: int) -> None:
+    """The metrics and the one JSON log line of an answer that ended."""
+    metrics.stream_ended(status, code, ttft_ms, duration_ms, tokens, heartbeats)
+    stream_log.info(json.dumps({
+        **context,
+        "conversation_id": conversation_id,
+        "message_id": message_id,
+        "outcome": status,
+        "error_code": code,
+        "ttft_ms": ttft_ms,
+        "tokens": tokens,
+        "duration_ms": duration_ms,
+    }))
 
 
 def collect(answer: Answer) -> list[dict]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import socket
 import threading
 
@@ -118,6 +119,18 @@ def test_upstream_refusal_is_a_clean_json_error(serve, upstream, fault, status, 
     assert response.status_code == status
     assert response.json()["error"]["code"] == code
     assert SECRET_DETAIL not in response.text and "sk-test-secret" not in response.text
+
+
+def test_a_refusal_is_logged_and_counted(serve, upstream):
+    upstream.fail_status = 429
+    server = relay(serve, upstream)
+    assert server.post("/chat", json={"prompt": "x"}).status_code == 429
+    line = wait_for(lambda: next((json.loads(line) for line in server.log.read_text().splitlines()
+                                  if line.startswith('{"request_id"')), None), what="the stream's log line")
+    assert (line["outcome"], line["error_code"], line["tokens"]) == ("error", "rate_limited", 0)
+    metrics = server.get("/metrics").text
+    assert 'upstream_errors_total{code="rate_limited"} 1.0' in metrics
+    assert 'streams_finished_total{outcome="error"} 1.0' in metrics
 
 
 def test_a_refusal_goes_to_the_client_at_once(serve, upstream):
