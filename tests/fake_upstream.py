@@ -23,7 +23,9 @@ Behaviour knobs are plain attributes, read once when a request arrives:
   connection stays open until the client or the server goes away.
 * ``tokens`` (20), ``tokens_per_s`` (0 = no pacing), ``ttft_s`` (delay after
   the headers, before the first data frame), ``reasoning_tokens`` (that many
-  ``{"reasoning_content": "think "}`` chunks before the content).
+  ``{"reasoning_content": "think "}`` chunks before the content),
+  ``finish_reason`` ("stop"; None: no chunk carries one, as some lenient
+  servers do).
 * ``fail_status`` / ``fail_times``: answer chat completions with that HTTP
   status and an OpenAI-shaped error body (its message contains
   ``SECRET_DETAIL``); ``fail_times`` counts down the failing requests
@@ -71,6 +73,7 @@ _DEFAULTS: dict[str, Any] = {
     "tokens_per_s": 0.0,
     "ttft_s": 0.0,
     "reasoning_tokens": 0,
+    "finish_reason": "stop",
     "fail_status": None,
     "fail_times": None,
     "drop_after": None,
@@ -429,7 +432,8 @@ class _Handler(BaseHTTPRequestHandler):
         if self._fail_midstream(sent):
             return False
 
-        self._send_frame(chunk({}, "stop"))
+        if self.knobs["finish_reason"] is not None:
+            self._send_frame(chunk({}, self.knobs["finish_reason"]))
         if include_usage:
             prompt = _prompt_tokens(body.get("messages"))
             completion = len(toks) + n_reasoning

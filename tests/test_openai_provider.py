@@ -121,6 +121,14 @@ def test_upstream_refusal_is_a_clean_json_error(serve, upstream, fault, status, 
     assert SECRET_DETAIL not in response.text and "sk-test-secret" not in response.text
 
 
+def test_done_without_a_finish_reason_is_a_whole_answer(serve, upstream):
+    upstream.tokens, upstream.finish_reason = 5, None
+    server = relay(serve, upstream)
+    got = read_sse(server.url + "/chat/sse", json_body={"prompt": "lenient"})
+    assert got.text == upstream.expected_text("lenient")
+    assert got.events[-1]["type"] == "done" and got.events[-1]["finish_reason"] == "stop"
+
+
 def test_a_refusal_is_logged_and_counted(serve, upstream):
     upstream.fail_status = 429
     server = relay(serve, upstream)

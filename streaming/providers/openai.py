@@ -117,10 +117,11 @@ class OpenAIReply:
         self._closed = False
 
     def __iter__(self) -> Iterator[Chunk]:
-        finish = None
+        finish = done = None
         try:
             for data in self._events:
                 if data == "[DONE]":
+                    done = True
                     break
                 chunk = json.loads(data)
                 if chunk.get("error"):
@@ -145,6 +146,8 @@ class OpenAIReply:
                 return  # closed on purpose: the engine already knows why
             log.warning("upstream stream failed: %s", type(exc).__name__)
             raise provider_error(exc) from None
+        if finish is None and done:  # a lenient server that names no reason: the answer is whole
+            finish = "stop"
         if finish is None:
             if self._closed:
                 return
