@@ -121,6 +121,16 @@ def test_upstream_refusal_is_a_clean_json_error(serve, upstream, fault, status, 
     assert SECRET_DETAIL not in response.text and "sk-test-secret" not in response.text
 
 
+def test_a_404_for_the_services_own_model_is_its_misconfiguration(serve, upstream):
+    upstream.fail_status = 404
+    server = relay(serve, upstream)
+    own = server.post("/chat", json={"prompt": "x"})  # LLM_MODEL, or OPENAI_BASE_URL without /v1
+    assert own.status_code == 503 and own.json()["error"]["code"] == "upstream_error"
+    assert "OPENAI_BASE_URL" in own.json()["error"]["message"] and upstream.base_url not in own.text
+    asked = server.post("/chat", json={"prompt": "x", "model": "no-such-model"})  # the client's choice
+    assert asked.status_code == 400 and asked.json()["error"]["code"] == "invalid_request"
+
+
 def test_done_without_a_finish_reason_is_a_whole_answer(serve, upstream):
     upstream.tokens, upstream.finish_reason = 5, None
     server = relay(serve, upstream)

@@ -91,6 +91,10 @@ class OpenAIProvider:
             response = self.client.post("/chat/completions", cast_to=httpx2.Response, body=body, stream=True)
         except openai.OpenAIError as exc:
             log.warning("upstream refused the request: %s", type(exc).__name__)
+            if isinstance(exc, openai.NotFoundError) and params["model"] == self.default_model:
+                # Not the client's doing: this service's LLM_MODEL or OPENAI_BASE_URL (without /v1?)
+                raise ProviderError("upstream_error", "the model server has no such model or endpoint: "
+                                    "check this service's LLM_MODEL and OPENAI_BASE_URL") from None
             raise provider_error(exc) from None
         # httpx's documented per-request timeouts; the body's reads, not begun yet, take theirs.
         response.request.extensions["timeout"]["read"] = self.body_read_timeout_s
