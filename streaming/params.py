@@ -53,7 +53,7 @@ def request_fields(request: Request) -> dict | MultiDict:
     return body
 
 
-def text_field(fields: dict, name: str, max_chars: int | None = None) -> str | None:
+def text_field(fields: dict | MultiDict, name: str, max_chars: int | None = None) -> str | None:
     value = fields.get(name)
     if value is None:
         return None
