@@ -9,7 +9,7 @@ from flask import Flask, jsonify
 from . import auth, batch, chat, conversations, errors, metrics, openai_api, ui
 from .config import Settings
 from .providers import load_provider
-from .store import open_store
+from .store import StoreUnavailable, open_store
 from .threads import under_gevent
 from .turns import Service, service
 
@@ -37,17 +37,27 @@ def create_app(settings: Settings | None = None) -> Flask:
     app.register_blueprint(openai_api.bp)
     app.register_blueprint(ui.bp)
 
+    @app.before_request
+    def leases() -> None:
+        service().leaser.ensure_running()
+
     @app.get("/healthz")
     def healthz():
         svc = service()
-        return jsonify(
-            status="ok",
+        store = {"name": svc.store.name, "reachable": True, "writable": True}
+        try:
+            svc.store.check(svc.leaser.worker)
+        except StoreUnavailable as exc:
+            store.update(reachable=False, writable=False, error=str(exc))
+        response = jsonify(
+            status="ok" if store["writable"] else "unavailable",
             auth=app.config["AUTH"],
             provider=svc.provider.name,
             model=svc.provider.default_model,
-            store=type(svc.store).__name__,
+            store=store,
             worker_class=settings.worker_class,
             streams_in_flight=len(svc.live),
         )
+        return response, 200 if store["writable"] else 503
 
     return app

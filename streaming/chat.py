@@ -4,8 +4,18 @@ from __future__ import annotations
 
 from flask import Blueprint, Response, g, jsonify, request
 
+from .engine import encode_batches
 from .params import parse_chat_request, request_fields
-from .turns import STREAM_HEADERS, begin_answer, collect, service, streamed
+from .turns import (
+    STREAM_HEADERS,
+    begin_answer,
+    checkpointed_events,
+    client_gone,
+    collect,
+    service,
+    streamed,
+    streamed_bytes,
+)
 from .wire import SSEFraming, TextFraming
 
 bp = Blueprint("chat", __name__)
@@ -32,7 +42,8 @@ def chat_sse():
 
 def resume(last_event_id: str, retry_ms: int) -> Response:
     """A reconnect never starts a second answer: it tails the live answer from where the client
-    left, replays the rest of an ended one, or gets 204 (which tells EventSource to stop)."""
+    left (from the store's checkpoints when another process produces it), replays the rest of an
+    ended one, or gets 204 (which tells EventSource to stop)."""
     message_id, _, seq = last_event_id.partition(":")
     if not (seq.isascii() and seq.isdigit()) or len(seq) > 18:
         return Response(status=204)
@@ -43,12 +54,18 @@ def resume(last_event_id: str, retry_ms: int) -> Response:
             return Response(status=204)  # an id this answer has not sent
         return streamed(answer, SSEFraming(message_id, retry_ms), offset)
     stored = svc.store.message(message_id, g.key_id)
-    events = [] if stored is None else stored["events"][offset:]
+    if stored is None:
+        return Response(status=204)
+    framing = SSEFraming(message_id, retry_ms)
+    if stored["status"] == "streaming":  # produced by another worker: tail its checkpoints
+        batches = checkpointed_events(svc.store, message_id, g.key_id, offset, svc.settings.heartbeat_s)
+        body = encode_batches(batches, framing, offset, client_gone())
+        return streamed_bytes(body, framing, stored["conversation_id"], message_id)
+    events = stored["events"][offset:]
     if not events:
         return Response(status=204)
-    body = SSEFraming(message_id, retry_ms).encode(events, offset)
     headers = {**STREAM_HEADERS, "X-Conversation-Id": stored["conversation_id"], "X-Message-Id": message_id}
-    return Response(body, content_type=SSEFraming.media_type, headers=headers)
+    return Response(framing.encode(events, offset), content_type=SSEFraming.media_type, headers=headers)
 
 
 @bp.post("/chat/blocking")

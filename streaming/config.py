@@ -17,6 +17,8 @@ class Settings:
     openai_api_key: str = ""
     openai_base_url: str = ""
     database_url: str = ""
+    database_pool_size: int = 4  # PostgreSQL connections per worker process
+    lease_s: float = 15.0  # a streaming turn whose worker has not renewed it for this long is lost
     first_token_timeout_s: float = 60.0
     idle_timeout_s: float = 60.0
     max_stream_s: float = 600.0

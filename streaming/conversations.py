@@ -7,7 +7,7 @@ from flask import Blueprint, g, jsonify, request
 from .errors import ApiError
 from .params import number_field
 from .store import ConversationBusy
-from .turns import busy, service
+from .turns import busy, service, stop_answer
 
 bp = Blueprint("conversations", __name__, url_prefix="/conversations")
 
@@ -38,3 +38,11 @@ def delete_conversation(conversation_id: str):
     if not deleted:
         raise ApiError(404, "not_found", "no such conversation")
     return "", 204
+
+
+@bp.post("/<conversation_id>/stop")
+def stop(conversation_id: str):
+    """End the answer streaming in the conversation, wherever it runs; answer with its turn
+    (202 while its worker has not saved it yet)."""
+    turn = stop_answer(conversation_id, g.key_id)
+    return jsonify(turn), 200 if turn["status"] != "streaming" else 202

@@ -34,6 +34,7 @@ from .wire import Framing
 log = logging.getLogger(__name__)
 
 INTERRUPTED = "interrupted"
+STORAGE_ERROR = {"code": "storage_error", "message": "the answer could not be saved; it is kept and saved later"}
 
 
 class Answer:
@@ -125,8 +126,10 @@ class Answer:
         if self.on_end is not None:
             try:  # saved before the terminal event goes out, so that the next turn sees it
                 self.on_end(self, self.events(0) if stopped else [*self.events(0), terminal])
-            except Exception:
-                log.exception("saving the turn failed")
+            except Exception:  # a turn that could not be saved is no success (on_end logged why)
+                if not stopped:
+                    self.error = STORAGE_ERROR
+                    terminal = {"type": "error", "error": self.error}
         if not stopped:
             self._end(terminal)
         self.saved.set()
@@ -328,13 +331,25 @@ def tail_events(answer: Answer, offset: int = 0) -> Iterator[list[dict]]:
 def frames(
     answer: Answer, framing: Framing, offset: int = 0, client_gone: Callable[[], bool] | None = None
 ) -> Iterator[bytes]:
-    """The answer's bytes in `framing`, from event `offset` on, heartbeats included.
+    """The answer's bytes in `framing`, from event `offset` on, heartbeats included."""
+    return encode_batches(tail_events(answer, offset), framing, offset, client_gone, answer)
+
+
+def encode_batches(
+    batches: Iterator[list[dict]],
+    framing: Framing,
+    offset: int = 0,
+    client_gone: Callable[[], bool] | None = None,
+    answer: Answer | None = None,
+) -> Iterator[bytes]:
+    """Batches of events (an empty one: a heartbeat is due) as bytes in `framing`; heartbeats
+    are counted on `answer`.
 
     At each heartbeat `client_gone` is asked too: a write to a closed socket usually succeeds
     once, and a framing without heartbeats (plain text) writes nothing while the model is silent.
     The first chunk may be empty: it makes the server send the headers at once."""
     first = True
-    for events in tail_events(answer, offset):
+    for events in batches:
         if events:
             data = framing.encode(events, offset)
             offset += len(events)
@@ -344,7 +359,8 @@ def frames(
         elif client_gone is not None and client_gone():
             return
         elif framing.heartbeat:
-            answer.heartbeats += 1
+            if answer is not None:
+                answer.heartbeats += 1
             yield framing.heartbeat
 
 

@@ -11,6 +11,7 @@ from flask import Flask, jsonify
 from werkzeug.exceptions import HTTPException
 
 from .providers.base import ProviderError
+from .store import StoreUnavailable
 
 log = logging.getLogger(__name__)
 
@@ -41,6 +42,11 @@ def http_error_fields(exc: HTTPException) -> tuple[int, str, str, dict]:
     return status, code, exc.description or exc.name, headers
 
 
+def store_unavailable(exc: StoreUnavailable) -> ApiError:
+    return ApiError(503, "store_unavailable", "the conversation store is unavailable; please retry",
+                    {"Retry-After": "2"})
+
+
 def init_app(app: Flask) -> None:
     @app.errorhandler(ApiError)
     def api_error(exc: ApiError):
@@ -49,6 +55,10 @@ def init_app(app: Flask) -> None:
     @app.errorhandler(ProviderError)
     def provider_error(exc: ProviderError):
         return error_response(exc.status, exc.code, exc.message)
+
+    @app.errorhandler(StoreUnavailable)
+    def store_error(exc: StoreUnavailable):
+        return api_error(store_unavailable(exc))
 
     @app.errorhandler(HTTPException)
     def http_error(exc: HTTPException):

@@ -30,9 +30,10 @@ from flask import Blueprint, Response, jsonify, request
 from werkzeug.exceptions import HTTPException
 
 from .engine import Answer
-from .errors import ApiError, http_error_fields
+from .errors import ApiError, http_error_fields, store_unavailable
 from .params import ChatRequest, invalid, number_field, request_fields, text_field
 from .providers.base import ProviderError
+from .store import StoreUnavailable
 from .turns import begin_answer, collect, service, streamed
 from .wire import OpenAIFraming
 
@@ -106,6 +107,11 @@ def api_error(exc: ApiError) -> Response:
 @bp.errorhandler(ProviderError)
 def provider_error(exc: ProviderError) -> Response:
     return openai_error(exc.status, exc.code, exc.message)
+
+
+@bp.errorhandler(StoreUnavailable)
+def store_error(exc: StoreUnavailable) -> Response:
+    return api_error(store_unavailable(exc))
 
 
 @bp.errorhandler(HTTPException)

@@ -13,6 +13,7 @@ import logging
 import sys
 import time
 import uuid
+from collections.abc import Iterator
 from contextlib import closing
 from dataclasses import dataclass, field
 
@@ -20,15 +21,19 @@ from flask import Response, current_app, g, request, stream_with_context
 
 from . import metrics
 from .config import Settings
-from .engine import INTERRUPTED, Answer, frames, peer_closed, tail_events
+from .engine import INTERRUPTED, STORAGE_ERROR, Answer, frames, peer_closed, tail_events
 from .errors import ApiError
+from .lease import STOP_POLL_S, STOPPED, Leaser
 from .params import ChatRequest
 from .providers.base import Provider, ProviderError
-from .store import ConversationBusy, ConversationNotFound, Store, TooManyStreams
+from .store import ConversationBusy, ConversationNotFound, Store, StoreUnavailable, TooManyStreams
 from .wire import Framing
 
 STREAM_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 SHUTDOWN = "shutdown"
+INTERRUPTIONS = (INTERRUPTED, SHUTDOWN, STOPPED)  # an answer cut short, saved as `interrupted`
+
+log = logging.getLogger(__name__)
 
 stream_log = logging.getLogger("streaming.streams")
 if not stream_log.handlers:  # one JSON line per stream, to stdout as Heroku expects
@@ -47,6 +52,10 @@ class Service:
     provider: Provider
     store: Store
     live: dict[str, Answer] = field(default_factory=dict)
+    leaser: Leaser = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.leaser = Leaser(self.store, self.live, self.settings.lease_s)
 
     def shut_down(self, wait_s: float) -> None:
         """End every answer in flight (the worker is stopping) and wait for their turns to be saved."""
@@ -59,6 +68,29 @@ class Service:
 
 def service() -> Service:
     return current_app.extensions["streaming"]
+
+
+def stop_answer(conversation_id: str, owner: str, wait_s: float = 10.0) -> dict:
+    """Stop the answer streaming in the owner's conversation, on whichever worker or host
+    produces it (through the store when it is another one, which looks every `STOP_POLL_S`),
+    and return its turn once saved; 404 when nothing of the owner's streams there."""
+    svc = service()
+    message_id = svc.store.streaming_turn(conversation_id, owner)
+    if message_id is None:
+        raise ApiError(404, "not_found", "no answer is streaming in this conversation")
+    answer = svc.live.get(message_id)
+    if answer is not None:
+        answer.stop(STOPPED, "the answer was stopped by request")
+        answer.saved.wait(wait_s)
+    else:
+        svc.store.request_stop(message_id)
+    deadline = time.monotonic() + wait_s
+    while True:
+        svc.store.reap()  # a worker that died cannot stop its answer: its lease tells
+        turn = next(m for m in svc.store.conversation(conversation_id, owner)["messages"] if m["id"] == message_id)
+        if turn["status"] != "streaming" or time.monotonic() > deadline:
+            return turn
+        time.sleep(0.05)
 
 
 def too_many(message: str) -> ApiError:
@@ -81,6 +113,7 @@ def begin_answer(chat: ChatRequest) -> Answer:
             chat.conversation_id, message_id, chat.prompt, chat.system, model, chat.history,
             # An open service has no keys to count by: only the per-worker limit holds there.
             owner=g.key_id, max_streams=(settings.max_streams_per_key or None) if g.key_id else None,
+            worker=svc.leaser.worker,
         )
     except ConversationNotFound:
         raise ApiError(404, "not_found", "no such conversation") from None
@@ -111,11 +144,28 @@ def begin_answer(chat: ChatRequest) -> Answer:
     return answer.start()
 
 
-def save_turn(svc: Service, answer: Answer, events: list[dict]) -> None:
+def outcome(answer: Answer) -> tuple[str, str | None]:
+    """The status and error code an answer is saved with."""
     code = answer.error and answer.error["code"]
-    status = "complete" if code is None else "interrupted" if code in (INTERRUPTED, SHUTDOWN) else "error"
+    return ("complete" if code is None else "interrupted" if code in INTERRUPTIONS else "error"), code
+
+
+def save_turn(svc: Service, answer: Answer, events: list[dict]) -> None:
+    """Save the ended answer. When that fails the client is told (`storage_error`, unless the
+    answer was stopped and its last event sent already) and the save is tried again with each
+    renewal of the leases, with the answer as it ended, until the store takes it."""
+    status, code = outcome(answer)
     try:
         svc.store.end_turn(answer.message_id, status, events, code)
+    except Exception as exc:
+        if not isinstance(exc, StoreUnavailable):  # which the store logged already
+            log.exception("saving the turn failed")
+        svc.leaser.unsaved[answer.message_id] = lambda: svc.store.end_turn(
+            answer.message_id, outcome(answer)[0], answer.events(0), outcome(answer)[1]
+        )
+        if not answer.ended:
+            status, code = "error", STORAGE_ERROR["code"]
+        raise
     finally:
         svc.live.pop(answer.message_id, None)
         tokens = sum(1 for e in events if e["type"] == "delta")
@@ -164,12 +214,48 @@ def collect(answer: Answer) -> list[dict]:
 
 
 def streamed(answer: Answer, framing: Framing, offset: int = 0) -> Response:
-    """A streaming response of `answer` in `framing`; it reads nothing from the request later.
+    """A streaming response of `answer` in `framing`; it reads nothing from the request later."""
+    return streamed_bytes(frames(answer, framing, offset, client_gone()), framing, answer.conversation_id,
+                          answer.message_id)
 
-    The body is bytes already, so Werkzeug passes it straight to the server (`direct_passthrough`)
+
+def streamed_bytes(body: Iterator[bytes], framing: Framing, conversation_id: str, message_id: str) -> Response:
+    """The body is bytes already, so Werkzeug passes it straight to the server (`direct_passthrough`)
     instead of wrapping it in two more layers of iteration that every write would go through."""
+    headers = {**STREAM_HEADERS, "X-Conversation-Id": conversation_id, "X-Message-Id": message_id}
+    return Response(stream_with_context(body), content_type=framing.media_type, headers=headers,
+                    direct_passthrough=True)
+
+
+def client_gone():
+    """A function telling whether the request's client left, where gunicorn hands its socket."""
     sock = request.environ.get("gunicorn.socket")
-    client_gone = (lambda: peer_closed(sock)) if sock is not None else None
-    headers = {**STREAM_HEADERS, "X-Conversation-Id": answer.conversation_id, "X-Message-Id": answer.message_id}
-    body = stream_with_context(frames(answer, framing, offset, client_gone))
-    return Response(body, content_type=framing.media_type, headers=headers, direct_passthrough=True)
+    return (lambda: peer_closed(sock)) if sock is not None else None
+
+
+def checkpointed_events(store: Store, message_id: str, owner: str, offset: int,
+                        heartbeat_s: float) -> Iterator[list[dict]]:
+    """Batches of an answer that another process produces, read from its checkpoints in the
+    store (every `LEASE_S / 3`) until it ends; an empty batch is a heartbeat. The answer's last
+    event always comes, even to a client that saw more than the last checkpoint held: a reader
+    learns that its answer was lost with its worker (`worker_lost`)."""
+    last_write = time.monotonic()
+    while True:
+        try:
+            row = store.message(message_id, owner)
+        except StoreUnavailable:
+            yield [{"type": "error", "error": {"code": "storage_error", "message": "the answer could not be read"}}]
+            return
+        events = [] if row is None else row["events"]
+        if row is None or row["status"] != "streaming":
+            rest = events[offset:] or events[-1:]
+            if rest:
+                yield rest
+            return
+        if events[offset:]:
+            yield events[offset:]
+            offset, last_write = len(events), time.monotonic()
+        elif time.monotonic() - last_write >= heartbeat_s:
+            yield []
+            last_write = time.monotonic()
+        time.sleep(STOP_POLL_S)

@@ -60,7 +60,8 @@ class Server:
                 self.process.wait()
 
 
-def start_server(tmp_path: Path, worker_class: str, env: dict | None = None, db: Path | None = None) -> Server:
+def start_server(tmp_path: Path, worker_class: str, env: dict | None = None, db: Path | None = None,
+                 database_url: str | None = None) -> Server:
     port = free_port()
     full_env = {
         **os.environ,
@@ -69,7 +70,7 @@ def start_server(tmp_path: Path, worker_class: str, env: dict | None = None, db:
         "WORKER_CLASS": worker_class,
         "WEB_CONCURRENCY": "1",
         "THREADS": "8",
-        "DATABASE_URL": f"sqlite:///{db or tmp_path / 'test.db'}",
+        "DATABASE_URL": f"sqlite:///{db}" if db else database_url or f"sqlite:///{tmp_path / 'test.db'}",
         "DEMO_TTFT_MS": "0",
         "DEMO_TOKENS_PER_S": "0",
         "GRACEFUL_TIMEOUT_S": "3",
@@ -97,13 +98,47 @@ def start_server(tmp_path: Path, worker_class: str, env: dict | None = None, db:
     return server
 
 
+@pytest.fixture(scope="session")
+def postgres():
+    """A PostgreSQL cluster for the whole session (tests/databases.py); each test that uses it
+    makes its own database."""
+    from .databases import PostgresCluster, available
+
+    if not available():
+        message = "PostgreSQL is not installed (apt-get install postgresql; pip install -r requirements-postgres.txt)"
+        if os.environ.get("CI"):
+            pytest.fail(message)
+        pytest.skip(message)
+    cluster = PostgresCluster()
+    yield cluster
+    cluster.remove()
+
+
+def store_url(kind: str, request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    """A fresh, empty store of `kind` ("sqlite" or "postgres") for one test."""
+    if kind == "sqlite":
+        return f"sqlite:///{tmp_path / 'test.db'}"
+    cluster = request.getfixturevalue("postgres")
+    return cluster.url(cluster.create_database())
+
+
 @pytest.fixture
-def serve(tmp_path: Path) -> Iterator[Callable[..., Server]]:
+def database_url(tmp_path: Path) -> str:
+    """The store of the servers a test starts: SQLite, unless a module overrides this fixture
+    (with `params=STORES`, to run its tests against each store)."""
+    return f"sqlite:///{tmp_path / 'test.db'}"
+
+
+STORES = ["sqlite", "postgres"]
+
+
+@pytest.fixture
+def serve(tmp_path: Path, database_url: str) -> Iterator[Callable[..., Server]]:
     """`serve(worker_class, **env)` starts a server that is stopped after the test."""
     servers: list[Server] = []
 
     def start(worker_class: str = "gevent", db: Path | None = None, **env: str) -> Server:
-        server = start_server(tmp_path, worker_class, {k: str(v) for k, v in env.items()}, db)
+        server = start_server(tmp_path, worker_class, {k: str(v) for k, v in env.items()}, db, database_url)
         servers.append(server)
         return server
 

@@ -1,21 +1,22 @@
-"""Conversations that persist across workers and restarts, SSE resumption, and the batch stream."""
+"""Conversations that persist across workers and restarts, SSE resumption, and the batch stream:
+the store's behaviour, run against each store (SQLite and PostgreSQL)."""
 
 from __future__ import annotations
 
-import hashlib
 import json
-import sqlite3
-import time
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import requests
 
-from streaming.store.sqlite import SCHEMA
-
-from .conftest import wait_for
+from .conftest import STORES, store_url, wait_for
 from .fake_upstream import FakeUpstream
 from .streams import read_sse
+
+
+@pytest.fixture(params=STORES)
+def database_url(request, tmp_path) -> str:
+    return store_url(request.param, request, tmp_path)
 
 
 def converse(url: str, name: str, turns: int) -> str:
@@ -48,62 +49,15 @@ def test_concurrent_conversations_across_workers(serve, worker_class):
         assert messages[5]["usage"]["completion_tokens"] == 20
 
 
-def test_history_survives_a_restart(serve, tmp_path):
-    db = tmp_path / "kept.db"
-    first = serve("gevent", db=db)
+def test_history_survives_a_restart(serve):
+    first = serve("gevent")
     conversation_id = converse(first.url, "before", 1)
     first.stop()
-    second = serve("gthread", db=db)
+    second = serve("gthread")
     got = read_sse(second.url + "/chat/sse", json_body={"prompt": "after", "conversation_id": conversation_id})
     assert got.text.startswith('This is turn 2. You said: "after".')
     assert len(second.get(f"/conversations/{conversation_id}").json()["messages"]) == 4
 
-
-def test_a_version_3_file_upgrades_with_its_streams_and_owners(serve, tmp_path):
-    """A file written before messages carried their owner: after the upgrade, a key's streaming
-    turn still counts against its stream limit, and its conversation is still its own."""
-    db, key = tmp_path / "v3.db", "sk-upgrade-31c2"
-    owner, now = hashlib.sha256(key.encode()).hexdigest()[:8], time.time()
-    old = sqlite3.connect(db)
-    for script in SCHEMA[:3]:
-        old.executescript(script)
-    old.execute("PRAGMA user_version = 3")
-    old.execute("INSERT INTO conversations (id, owner, created_at, updated_at) VALUES ('c1', ?, ?, ?)",
-                (owner, now, now))
-    old.execute("INSERT INTO messages (id, conversation_id, role, content, status, created_at)"
-                " VALUES ('m1', 'c1', 'assistant', '', 'streaming', ?)", (now,))
-    old.commit()
-    old.close()
-    server = serve(db=db, API_KEYS=f"{key},sk-other-9e0f", MAX_STREAMS_PER_KEY=1)
-    refused = server.post("/chat", json={"prompt": "x"}, headers={"Authorization": f"Bearer {key}"})
-    assert refused.status_code == 429 and refused.json()["error"]["code"] == "too_many_streams"
-    other = server.post("/chat", json={"prompt": "x"}, headers={"Authorization": "Bearer sk-other-9e0f"})
-    assert other.status_code == 200
-    mine = server.get("/conversations/c1", headers={"Authorization": f"Bearer {key}"})
-    assert mine.status_code == 200 and mine.json()["messages"][0]["status"] == "streaming"
-
-
-
-@pytest.mark.parametrize("worker_class", ["sync", "gevent"])
-def test_turns_reach_the_database_file_while_the_service_runs(serve, tmp_path, worker_class):
-    """The write-ahead log is copied into the database file as the service runs, not only once
-    1,000 pages have piled up: a finished turn shows in the file itself, read without the log."""
-    db = tmp_path / "checkpointed.db"
-    server = serve(worker_class, db=db)
-    got = read_sse(server.url + "/chat/sse", json_body={"prompt": "into the file"})
-    message_id = got.events[0]["message_id"]
-
-    def in_the_file() -> bool:
-        reader = sqlite3.connect(f"file:{db}?immutable=1", uri=True)  # the file alone, no log
-        try:
-            row = reader.execute("SELECT status FROM messages WHERE id = ?", (message_id,)).fetchone()
-        except sqlite3.DatabaseError:  # a page caught mid-write: look again
-            return False
-        finally:
-            reader.close()
-        return row == ("complete",)
-
-    wait_for(in_the_file, what="the turn to be checkpointed into the database file")
 
 def test_list_and_delete(serve):
     server = serve()

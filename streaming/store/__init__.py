@@ -1,16 +1,27 @@
-"""Conversation storage behind one small interface; SQLite is the embedded default.
+"""Conversation storage behind one small interface: SQLite (the embedded default) or PostgreSQL.
 
 A turn is a user message and the assistant message that answers it. Both rows are written when
 the turn begins (the assistant's with status `streaming`, which is what makes a second turn on the
 same conversation a 409), and the assistant's row is completed in one short transaction when the
 answer ends: `complete`, `error` or `interrupted`, with whatever text it had.
+
+A `streaming` row carries a lease: the worker producing it (`worker`) and until when it vouches
+for it (`lease_until`). The worker renews the leases of all its answers, and checkpoints their
+text, in one batched write every few seconds (`lease.Leaser`); a row whose lease ran out belongs
+to a dead worker, and any worker then saves it as interrupted with code `worker_lost`.
 """
 
 from __future__ import annotations
 
+import logging
+import time
 from typing import Protocol
 
 from ..config import Settings
+
+log = logging.getLogger(__name__)
+
+WORKER_LOST = "worker_lost"
 
 
 class ConversationNotFound(Exception):
@@ -25,7 +36,33 @@ class TooManyStreams(Exception):
     pass
 
 
+class StoreUnavailable(Exception):
+    """The database cannot be reached or written (down, full, read-only): a 503 before a stream
+    starts, a `storage_error` event after. The message names the cause, never a URL or password."""
+
+
+class FailureLog:
+    """Log a store that keeps failing once a minute, with the count, not a traceback per call."""
+
+    EVERY_S = 60.0
+
+    def __init__(self) -> None:
+        self.failures = 0
+        self.logged_at = -self.EVERY_S
+
+    def failed(self, what: str, exc: BaseException) -> StoreUnavailable:
+        self.failures += 1
+        now = time.monotonic()
+        if now - self.logged_at >= self.EVERY_S:
+            log.error("the store is unavailable (%s failed, %d time(s) since the last line): %s: %s",
+                      what, self.failures, type(exc).__name__, str(exc).strip().splitlines()[0] if str(exc) else "")
+            self.logged_at, self.failures = now, 0
+        return StoreUnavailable(f"{type(exc).__name__}: the database could not be used")
+
+
 class Store(Protocol):
+    name: str
+
     def begin_turn(
         self,
         conversation_id: str | None,
@@ -36,19 +73,42 @@ class Store(Protocol):
         history: tuple[dict, ...] = (),
         owner: str = "",
         max_streams: int | None = None,
+        worker: str = "",
     ) -> tuple[str, list[dict]]:
-        """Record the user's message and a `streaming` placeholder for the answer; return the
-        conversation id (a new one when None) and the messages to send: system first, then the
-        earlier turns as `{"role", "content"}` dicts, then this prompt. `history` (earlier
-        messages the client sent itself) starts a new conversation with those turns. Only the
-        `owner`'s conversations are seen; TooManyStreams when the owner already has
-        `max_streams` answers streaming (across every worker: the rows are the count)."""
+        """Record the user's message and a `streaming` placeholder for the answer, leased to
+        `worker`; return the conversation id (a new one when None) and the messages to send:
+        system first, then the earlier turns as `{"role", "content"}` dicts, then this prompt.
+        `history` (earlier messages the client sent itself) starts a new conversation with those
+        turns. Only the `owner`'s conversations are seen; TooManyStreams when the owner already
+        has `max_streams` answers streaming with a live lease (on every worker and host: the rows
+        are the count)."""
 
     def end_turn(self, message_id: str, status: str, events: list[dict], error_code: str | None) -> None:
         """Complete the assistant's row from the answer's event log."""
 
+    def checkpoint(self, worker: str, answers: dict[str, list[dict] | None]) -> None:
+        """Renew the leases of `worker`'s answers and save the event log of those whose value is
+        not None (the others have not changed since the last one), in one transaction."""
+
+    def stop_requests(self, worker: str) -> list[str]:
+        """The ids of `worker`'s answers whose stop was requested (`request_stop`)."""
+
+    def reap(self) -> list[str]:
+        """Save every streaming turn whose lease ran out as interrupted (`worker_lost`), with its
+        last checkpoint; return their message ids."""
+
+    def streaming_turn(self, conversation_id: str, owner: str = "") -> str | None:
+        """The message id of the answer streaming in the owner's conversation, if any."""
+
+    def request_stop(self, message_id: str) -> None:
+        """Ask the worker that produces the answer to stop it (it asks every second)."""
+
+    def check(self, worker: str) -> None:
+        """A write and a read, for /healthz: StoreUnavailable when either fails."""
+
     def message(self, message_id: str, owner: str = "") -> dict | None:
-        """The message's row, with `events`: the event log of an ended answer (empty until then)."""
+        """The message's row, with `events`: the event log so far (its last checkpoint while it
+        streams)."""
 
     def conversation(self, conversation_id: str, owner: str = "") -> dict | None: ...
 
@@ -60,6 +120,11 @@ class Store(Protocol):
 
 
 def open_store(settings: Settings, instance_path: str) -> Store:
+    """PostgreSQL for a `postgres://` or `postgresql://` DATABASE_URL, SQLite otherwise."""
+    if settings.database_url.startswith(("postgres://", "postgresql://")):
+        from .postgres import PostgresStore
+
+        return PostgresStore(settings)
     from .sqlite import SQLiteStore
 
     return SQLiteStore.from_url(settings, instance_path)

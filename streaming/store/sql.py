@@ -1,0 +1,277 @@
+"""The queries that SQLite and PostgreSQL share: one `SQLStore`, whose subclasses say only how to
+open a transaction and how to migrate their schema.
+
+The SQL is written once, with `?` placeholders and the same table and column names on both
+(PostgreSQL's `messages.rowid` is a column named after SQLite's implicit one), so that the two
+stores cannot drift apart. Every row is read by column name.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from contextlib import AbstractContextManager
+
+from ..config import Settings
+from . import WORKER_LOST, ConversationBusy, ConversationNotFound, TooManyStreams
+
+LOST_MESSAGE = "the worker producing this answer stopped before the answer was complete"
+
+
+def encode_events(events: list[dict]) -> str:
+    """An event log as stored: JSON, a delta as its bare text (most of a log is deltas)."""
+    return json.dumps([e["text"] if e["type"] == "delta" else e for e in events], ensure_ascii=False)
+
+
+def decode_events(stored: str | None) -> list[dict]:
+    return [{"type": "delta", "text": e} if type(e) is str else e for e in json.loads(stored)] if stored else []
+
+
+def text_of(events: list[dict]) -> str:
+    return "".join(e["text"] for e in events if e["type"] == "delta")
+
+
+class SQLStore:
+    name = "sql"
+
+    def __init__(self, settings: Settings) -> None:
+        self.history_chars = settings.history_chars
+        self.lease_s = settings.lease_s
+
+    def transaction(self) -> AbstractContextManager:
+        """A connection for one short transaction, committed on success, with `execute(sql, params)`
+        (returning a cursor) and `executemany(sql, rows)`; StoreUnavailable when the database
+        cannot be used."""
+        raise NotImplementedError
+
+    # -- turns ----------------------------------------------------------------------------
+
+    def begin_turn(
+        self,
+        conversation_id: str | None,
+        message_id: str,
+        prompt: str,
+        system: str | None,
+        model: str,
+        history: tuple[dict, ...] = (),
+        owner: str = "",
+        max_streams: int | None = None,
+        worker: str = "",
+    ) -> tuple[str, list[dict]]:
+        now = time.time()
+        with self.transaction() as db:
+            if max_streams is not None:
+                streaming = db.execute(  # counts no further than the limit, and no dead worker's turn
+                    "SELECT count(*) AS n FROM (SELECT 1 FROM messages"
+                    " WHERE status = 'streaming' AND owner = ? AND lease_until >= ? LIMIT ?) AS live",
+                    (owner, now, max_streams),
+                ).fetchone()["n"]
+                if streaming >= max_streams:
+                    raise TooManyStreams(owner)
+            if conversation_id is None:
+                conversation_id = uuid.uuid4().hex
+                db.execute(
+                    "INSERT INTO conversations (id, system, owner, created_at, updated_at) VALUES (?, ?, ?, ?, ?)",
+                    (conversation_id, system, owner, now, now),
+                )
+                if history:
+                    db.executemany(
+                        "INSERT INTO messages (id, conversation_id, owner, role, content, status, created_at)"
+                        " VALUES (?, ?, ?, ?, ?, 'complete', ?)",
+                        [(uuid.uuid4().hex, conversation_id, owner, m["role"], m["content"], now) for m in history],
+                    )
+                earlier = [{"role": m["role"], "content": m["content"]} for m in history]
+            else:
+                row = db.execute(
+                    "SELECT system FROM conversations WHERE id = ? AND owner = ?", (conversation_id, owner)
+                ).fetchone()
+                if row is None:
+                    raise ConversationNotFound(conversation_id)
+                system = system if system is not None else row["system"]
+                self._reap(db, now, conversation_id)
+                if db.execute(
+                    "SELECT 1 AS busy FROM messages WHERE conversation_id = ? AND status = 'streaming'",
+                    (conversation_id,),
+                ).fetchone():
+                    raise ConversationBusy(conversation_id)
+                earlier = [
+                    {"role": r["role"], "content": r["content"]}
+                    for r in db.execute(
+                        "SELECT role, content FROM messages WHERE conversation_id = ? ORDER BY created_at, rowid",
+                        (conversation_id,),
+                    ).fetchall()
+                ]
+                db.execute("UPDATE conversations SET updated_at = ? WHERE id = ?", (now, conversation_id))
+            db.executemany(
+                "INSERT INTO messages (id, conversation_id, owner, role, content, status, model, worker,"
+                " lease_until, created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                [
+                    (uuid.uuid4().hex, conversation_id, owner, "user", prompt, "complete", None, None, None, now),
+                    (message_id, conversation_id, owner, "assistant", "", "streaming", model, worker,
+                     now + self.lease_s, now),
+                ],
+            )
+        messages = self.trim(earlier) + [{"role": "user", "content": prompt}]
+        if system:
+            messages.insert(0, {"role": "system", "content": system})
+        return conversation_id, messages
+
+    def trim(self, history: list[dict]) -> list[dict]:
+        """The newest turns that fit in the history budget (counted in characters)."""
+        budget, kept = self.history_chars, []
+        for message in reversed(history):
+            budget -= len(message["content"])
+            if budget < 0:
+                break
+            kept.append(message)
+        return kept[::-1]
+
+    def end_turn(self, message_id: str, status: str, events: list[dict], error_code: str | None) -> None:
+        done = next((e for e in events if e["type"] == "done"), {})
+        with self.transaction() as db:
+            db.execute(
+                "UPDATE messages SET content = ?, status = ?, error_code = ?, usage = ?, finish_reason = ?,"
+                " ttft_ms = ?, duration_ms = ?, events = ?, finished_at = ? WHERE id = ?",
+                (
+                    text_of(events),
+                    status,
+                    error_code,
+                    json.dumps(done["usage"]) if "usage" in done else None,
+                    done.get("finish_reason"),
+                    done.get("ttft_ms"),
+                    done.get("duration_ms"),
+                    encode_events(events),
+                    time.time(),
+                    message_id,
+                ),
+            )
+
+    # -- leases ---------------------------------------------------------------------------
+
+    def checkpoint(self, worker: str, answers: dict[str, list[dict] | None]) -> None:
+        until = time.time() + self.lease_s
+        logs = [(until, text_of(e), encode_events(e), m) for m, e in answers.items() if e is not None]
+        leases = [(until, m) for m, e in answers.items() if e is None]
+        with self.transaction() as db:
+            if logs:
+                db.executemany(
+                    "UPDATE messages SET lease_until = ?, content = ?, events = ?"
+                    " WHERE id = ? AND status = 'streaming'",
+                    logs,
+                )
+            if leases:
+                db.executemany("UPDATE messages SET lease_until = ? WHERE id = ? AND status = 'streaming'", leases)
+
+    def stop_requests(self, worker: str) -> list[str]:
+        with self.transaction() as db:
+            rows = db.execute(
+                "SELECT id FROM messages WHERE worker = ? AND status = 'streaming' AND stop_requested_at IS NOT NULL",
+                (worker,),
+            ).fetchall()
+        return [row["id"] for row in rows]
+
+    def reap(self) -> list[str]:
+        with self.transaction() as db:
+            return self._reap(db, time.time())
+
+    def _reap(self, db, now: float, conversation_id: str | None = None) -> list[str]:
+        """Save the streaming turns whose lease ran out (of one conversation, or all) as
+        interrupted, from their last checkpoint; a worker that reaps the same turn at the same
+        moment finds it no longer streaming and leaves it."""
+        where, params = ("AND conversation_id = ?", (now, conversation_id)) if conversation_id else ("", (now,))
+        rows = db.execute(
+            "SELECT id, conversation_id, model, events FROM messages"
+            f" WHERE status = 'streaming' AND lease_until < ? {where}",
+            params,
+        ).fetchall()
+        reaped = []
+        for row in rows:
+            events = decode_events(row["events"]) or [
+                {"type": "start", "conversation_id": row["conversation_id"], "message_id": row["id"],
+                 "model": row["model"]},
+            ]
+            events.append({"type": "error", "error": {"code": WORKER_LOST, "message": LOST_MESSAGE}})
+            updated = db.execute(
+                "UPDATE messages SET status = 'interrupted', error_code = ?, content = ?, events = ?, finished_at = ?"
+                " WHERE id = ? AND status = 'streaming'",
+                (WORKER_LOST, text_of(events), encode_events(events), now, row["id"]),
+            )
+            if updated.rowcount:
+                reaped.append(row["id"])
+        return reaped
+
+    def streaming_turn(self, conversation_id: str, owner: str = "") -> str | None:
+        with self.transaction() as db:
+            row = db.execute(
+                "SELECT id FROM messages WHERE conversation_id = ? AND owner = ? AND status = 'streaming'",
+                (conversation_id, owner),
+            ).fetchone()
+        return row and row["id"]
+
+    def request_stop(self, message_id: str) -> None:
+        with self.transaction() as db:
+            db.execute(
+                "UPDATE messages SET stop_requested_at = ? WHERE id = ? AND status = 'streaming'",
+                (time.time(), message_id),
+            )
+
+    def check(self, worker: str) -> None:
+        with self.transaction() as db:
+            db.execute(
+                "INSERT INTO health (worker, checked_at) VALUES (?, ?)"
+                " ON CONFLICT (worker) DO UPDATE SET checked_at = excluded.checked_at",
+                (worker, time.time()),
+            )
+
+    # -- reading --------------------------------------------------------------------------
+
+    def message(self, message_id: str, owner: str = "") -> dict | None:
+        with self.transaction() as db:
+            row = db.execute("SELECT * FROM messages WHERE id = ? AND owner = ?", (message_id, owner)).fetchone()
+        return None if row is None else {**dict(row), "events": decode_events(row["events"])}
+
+    def conversation(self, conversation_id: str, owner: str = "") -> dict | None:
+        with self.transaction() as db:
+            row = db.execute(
+                "SELECT id, system, owner, created_at, updated_at FROM conversations WHERE id = ? AND owner = ?",
+                (conversation_id, owner),
+            ).fetchone()
+            if row is None:
+                return None
+            turns = db.execute(
+                "SELECT id, role, content, status, error_code, model, usage, finish_reason, ttft_ms,"
+                " duration_ms, created_at, finished_at FROM messages WHERE conversation_id = ?"
+                " ORDER BY created_at, rowid",
+                (conversation_id,),
+            ).fetchall()
+        messages = []
+        for turn in turns:
+            message = dict(turn)
+            message["usage"] = json.loads(message["usage"]) if message["usage"] else None
+            messages.append(message)
+        return {**dict(row), "messages": messages}
+
+    def conversations(self, limit: int, before: float | None, owner: str = "") -> list[dict]:
+        with self.transaction() as db:
+            rows = db.execute(
+                "SELECT c.id, c.system, c.owner, c.created_at, c.updated_at,"
+                " (SELECT content FROM messages m WHERE m.conversation_id = c.id AND m.role = 'user'"
+                " ORDER BY created_at, rowid LIMIT 1) AS title FROM conversations c"
+                " WHERE c.owner = ? AND c.updated_at < ? ORDER BY c.updated_at DESC LIMIT ?",
+                (owner, before if before is not None else float("inf"), limit),
+            ).fetchall()
+        return [dict(r) for r in rows]
+
+    def delete(self, conversation_id: str, owner: str = "") -> bool:
+        with self.transaction() as db:
+            self._reap(db, time.time(), conversation_id)
+            if db.execute(
+                "SELECT 1 AS busy FROM messages WHERE conversation_id = ? AND owner = ? AND status = 'streaming'",
+                (conversation_id, owner),
+            ).fetchone():
+                raise ConversationBusy(conversation_id)
+            return db.execute(
+                "DELETE FROM conversations WHERE id = ? AND owner = ?", (conversation_id, owner)
+            ).rowcount > 0
+
