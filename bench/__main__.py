@@ -2,19 +2,21 @@
 
 `--only p1,p2` picks measures; `--before DIR` adds another checkout of the service (e.g. an older
 commit, from `git worktree add`) to P1, P2 and P3, side by side in the same run; `--before-env
-NAME=VALUE` sets a variable for that checkout only.
+NAME=VALUE` sets a variable for that checkout only. `--postgres` adds the service on PostgreSQL
+(a cluster the bench starts, as the tests do) to P1 and P2, beside the embedded default.
 """
 
 from __future__ import annotations
 
 import argparse
+import atexit
 import json
 import platform
 import subprocess
 import time
 from pathlib import Path
 
-from . import server
+from . import measures, server
 from .measures import MEASURES
 from .report import p4_chart, table
 
@@ -33,12 +35,20 @@ def main() -> None:
     parser.add_argument("--before-env", action="append", default=[], metavar="NAME=VALUE",
                         help="a variable for the --before checkout only (e.g. MAX_STREAMS_PER_KEY=100000 for one "
                         "from before 2026-11-25, where 0 refused every stream)")
+    parser.add_argument("--postgres", action="store_true", help="add the service on PostgreSQL to P1 and P2")
     parser.add_argument("--chart", type=Path, help="where to write the P4 chart (default docs/performance.png)")
     parser.add_argument("--json", type=Path, help="write every row as JSON here")
     parser.add_argument("--markdown", action="store_true", help="print tables as Markdown")
     args = parser.parse_args()
     names = args.only.split(",") if args.only else [n for n in MEASURES if not (args.quick and n == "p2-10k")]
     before = args.before and server.Checkout(args.before, dict(kv.split("=", 1) for kv in args.before_env))
+    if args.postgres:
+        from .databases import PostgresCluster
+
+        cluster = PostgresCluster()
+        atexit.register(cluster.remove)
+        url = cluster.url(cluster.create_database())
+        measures.VARIANTS["service, PostgreSQL"] = server.Checkout(env={"DATABASE_URL": url})
     limit = server.raise_nofile()
     print(f"machine: {machine()}; open files: {limit}", flush=True)
     results = {}

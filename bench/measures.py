@@ -78,10 +78,15 @@ def load(server: srv.Server, path: str, requests: int, concurrency: int, **kwarg
     return asyncio.run(_load(server, path, requests, concurrency, **kwargs))
 
 
+# More configurations of the service for P1 and P2, by name: `python -m bench --postgres` adds
+# "service, PostgreSQL" (its DATABASE_URL) here.
+VARIANTS: dict[str, srv.Checkout] = {}
+
+
 def _contenders(env: dict[str, str], before: srv.Checkout | None) -> dict[str, Callable[[], srv.Server]]:
-    """Name -> how to start it: the service on one gevent worker (and the `before` checkout), then
-    the two baselines, all with the demo's `env`."""
-    checkouts = {"service": srv.Checkout(), **({"service (before)": before} if before else {})}
+    """Name -> how to start it: the service on one gevent worker (and the `before` checkout, and
+    the VARIANTS), then the two baselines, all with the demo's `env`."""
+    checkouts = {"service": srv.Checkout(), **({"service (before)": before} if before else {}), **VARIANTS}
     starters = {
         name: (lambda co=co: srv.service("gevent", 1, {**env, **co.env}, co.root)) for name, co in checkouts.items()
     }

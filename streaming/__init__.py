@@ -8,6 +8,7 @@ from flask import Flask, jsonify
 
 from . import auth, batch, chat, conversations, errors, metrics, openai_api, ui
 from .config import Settings
+from .live import open_live_log
 from .providers import load_provider
 from .store import StoreUnavailable, open_store
 from .threads import under_gevent
@@ -25,8 +26,9 @@ def create_app(settings: Settings | None = None) -> Flask:
             logging.getLogger(name).setLevel(logging.WARNING)
     if under_gevent():  # a log record names its thread: a dummy Thread object made for each greenlet
         logging.logThreads = False
+    store = open_store(settings, app.instance_path)
     app.extensions["streaming"] = Service(
-        settings=settings, provider=load_provider(settings), store=open_store(settings, app.instance_path)
+        settings=settings, provider=load_provider(settings), store=store, live_log=open_live_log(settings, store)
     )
     errors.init_app(app)
     auth.init_app(app, settings.api_keys)
@@ -39,14 +41,14 @@ def create_app(settings: Settings | None = None) -> Flask:
 
     @app.before_request
     def leases() -> None:
-        service().leaser.ensure_running()
+        service().ensure_running()
 
     @app.get("/healthz")
     def healthz():
         svc = service()
         store = {"name": svc.store.name, "reachable": True, "writable": True}
         try:
-            svc.store.check(svc.leaser.worker)
+            svc.store.check(svc.worker)
         except StoreUnavailable as exc:
             store.update(reachable=False, writable=False, error=str(exc))
         response = jsonify(

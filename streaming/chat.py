@@ -9,7 +9,6 @@ from .params import parse_chat_request, request_fields
 from .turns import (
     STREAM_HEADERS,
     begin_answer,
-    checkpointed_events,
     client_gone,
     collect,
     service,
@@ -42,7 +41,7 @@ def chat_sse():
 
 def resume(last_event_id: str, retry_ms: int) -> Response:
     """A reconnect never starts a second answer: it tails the live answer from where the client
-    left (from the store's checkpoints when another process produces it), replays the rest of an
+    left (through the live log when another process produces it), replays the rest of an
     ended one, or gets 204 (which tells EventSource to stop)."""
     message_id, _, seq = last_event_id.partition(":")
     if not (seq.isascii() and seq.isdigit()) or len(seq) > 18:
@@ -57,8 +56,8 @@ def resume(last_event_id: str, retry_ms: int) -> Response:
     if stored is None:
         return Response(status=204)
     framing = SSEFraming(message_id, retry_ms)
-    if stored["status"] == "streaming":  # produced by another worker: tail its checkpoints
-        batches = checkpointed_events(svc.store, message_id, g.key_id, offset, svc.settings.heartbeat_s)
+    if stored["status"] == "streaming":  # produced by another worker or host
+        batches = svc.live_log.tail(message_id, g.key_id, offset, svc.settings.heartbeat_s)
         body = encode_batches(batches, framing, offset, client_gone())
         return streamed_bytes(body, framing, stored["conversation_id"], message_id)
     events = stored["events"][offset:]

@@ -18,6 +18,9 @@ class Settings:
     openai_base_url: str = ""
     database_url: str = ""
     database_pool_size: int = 4  # PostgreSQL connections per worker process
+    redis_url: str = ""  # live answers, stops and rate limits shared by every host through Redis
+    redis_stream_ttl_s: float = 600.0  # how long an ended answer's Redis Stream is kept for reconnects
+    rate_limit_per_min: int = 0  # requests per minute per API key; 0: off
     lease_s: float = 15.0  # a streaming turn whose worker has not renewed it for this long is lost
     first_token_timeout_s: float = 60.0
     idle_timeout_s: float = 60.0

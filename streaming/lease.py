@@ -1,6 +1,7 @@
 """Leases: how a process vouches for the answers it produces, so that a killed one is noticed.
 
-One thread (a greenlet under gevent) per process, started with its first request:
+One thread (a greenlet under gevent) per process, started with its first request
+(`Service.ensure_running`):
 - every second, asks the store whether a stop was requested for one of its answers (by
   `POST /conversations/<id>/stop` on another worker or host) and stops those, and tries again
   to save the turns whose save failed (the store was down or full);
@@ -15,11 +16,7 @@ what the answer had `LEASE_S` before the kill, and its conversation then takes n
 from __future__ import annotations
 
 import logging
-import os
-import socket
-import threading
 import time
-import uuid
 from collections.abc import Callable
 
 from .store import Store, StoreUnavailable
@@ -38,19 +35,12 @@ class Leaser:
         self.every_s = lease_s / 3
         self.unsaved: dict[str, Callable[[], None]] = {}  # message id -> the save to try again
         self.worker = ""
-        self._pid = 0
-        self._lock = threading.Lock()
         self._sizes: dict[str, int] = {}  # the size of each answer's log at its last checkpoint
 
-    def ensure_running(self) -> None:
-        """Start the thread in this process, once (again in a forked child)."""
-        if self._pid == os.getpid():
-            return
-        with self._lock:
-            if self._pid != os.getpid():
-                self.worker = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
-                self._pid = os.getpid()
-                start_thread(self._run, "leases")
+    def start(self, worker: str) -> None:
+        """Start the thread of the process named `worker` (once per process)."""
+        self.worker = worker
+        start_thread(self._run, "leases")
 
     def _run(self) -> None:
         due = 0.0

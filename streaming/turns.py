@@ -10,7 +10,10 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+import socket
 import sys
+import threading
 import time
 import uuid
 from collections.abc import Iterator
@@ -23,7 +26,8 @@ from . import metrics
 from .config import Settings
 from .engine import INTERRUPTED, STORAGE_ERROR, Answer, frames, peer_closed, tail_events
 from .errors import ApiError
-from .lease import STOP_POLL_S, STOPPED, Leaser
+from .lease import STOPPED, Leaser
+from .live import LiveLog
 from .params import ChatRequest
 from .providers.base import Provider, ProviderError
 from .store import ConversationBusy, ConversationNotFound, Store, StoreUnavailable, TooManyStreams
@@ -51,11 +55,27 @@ class Service:
     settings: Settings
     provider: Provider
     store: Store
+    live_log: LiveLog
     live: dict[str, Answer] = field(default_factory=dict)
+    worker: str = ""  # host:pid:nonce, this process's name in the store's leases
     leaser: Leaser = field(init=False)
+    _pid: int = 0
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     def __post_init__(self) -> None:
         self.leaser = Leaser(self.store, self.live, self.settings.lease_s)
+        self.store.lost_events = self.live_log.events  # a dead worker's turn is saved with all it had
+
+    def ensure_running(self) -> None:
+        """Name this process and start its background work, once (again in a forked child)."""
+        if self._pid == os.getpid():
+            return
+        with self._lock:
+            if self._pid != os.getpid():
+                self.worker = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
+                self.leaser.start(self.worker)
+                self.live_log.start(self.worker, self.live)
+                self._pid = os.getpid()
 
     def shut_down(self, wait_s: float) -> None:
         """End every answer in flight (the worker is stopping) and wait for their turns to be saved."""
@@ -83,7 +103,7 @@ def stop_answer(conversation_id: str, owner: str, wait_s: float = 10.0) -> dict:
         answer.stop(STOPPED, "the answer was stopped by request")
         answer.saved.wait(wait_s)
     else:
-        svc.store.request_stop(message_id)
+        svc.live_log.request_stop(message_id)
     deadline = time.monotonic() + wait_s
     while True:
         svc.store.reap()  # a worker that died cannot stop its answer: its lease tells
@@ -113,7 +133,7 @@ def begin_answer(chat: ChatRequest) -> Answer:
             chat.conversation_id, message_id, chat.prompt, chat.system, model, chat.history,
             # An open service has no keys to count by: only the per-worker limit holds there.
             owner=g.key_id, max_streams=(settings.max_streams_per_key or None) if g.key_id else None,
-            worker=svc.leaser.worker,
+            worker=svc.worker,
         )
     except ConversationNotFound:
         raise ApiError(404, "not_found", "no such conversation") from None
@@ -140,6 +160,7 @@ def begin_answer(chat: ChatRequest) -> Answer:
         context=context,
     )
     svc.live[message_id] = answer
+    svc.live_log.follow(answer)
     metrics.stream_started(context["endpoint"])
     return answer.start()
 
@@ -231,31 +252,3 @@ def client_gone():
     """A function telling whether the request's client left, where gunicorn hands its socket."""
     sock = request.environ.get("gunicorn.socket")
     return (lambda: peer_closed(sock)) if sock is not None else None
-
-
-def checkpointed_events(store: Store, message_id: str, owner: str, offset: int,
-                        heartbeat_s: float) -> Iterator[list[dict]]:
-    """Batches of an answer that another process produces, read from its checkpoints in the
-    store (every `LEASE_S / 3`) until it ends; an empty batch is a heartbeat. The answer's last
-    event always comes, even to a client that saw more than the last checkpoint held: a reader
-    learns that its answer was lost with its worker (`worker_lost`)."""
-    last_write = time.monotonic()
-    while True:
-        try:
-            row = store.message(message_id, owner)
-        except StoreUnavailable:
-            yield [{"type": "error", "error": {"code": "storage_error", "message": "the answer could not be read"}}]
-            return
-        events = [] if row is None else row["events"]
-        if row is None or row["status"] != "streaming":
-            rest = events[offset:] or events[-1:]
-            if rest:
-                yield rest
-            return
-        if events[offset:]:
-            yield events[offset:]
-            offset, last_write = len(events), time.monotonic()
-        elif time.monotonic() - last_write >= heartbeat_s:
-            yield []
-            last_write = time.monotonic()
-        time.sleep(STOP_POLL_S)

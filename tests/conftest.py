@@ -100,9 +100,9 @@ def start_server(tmp_path: Path, worker_class: str, env: dict | None = None, db:
 
 @pytest.fixture(scope="session")
 def postgres():
-    """A PostgreSQL cluster for the whole session (tests/databases.py); each test that uses it
+    """A PostgreSQL cluster for the whole session (bench/databases.py); each test that uses it
     makes its own database."""
-    from .databases import PostgresCluster, available
+    from bench.databases import PostgresCluster, available
 
     if not available():
         message = "PostgreSQL is not installed (apt-get install postgresql; pip install -r requirements-postgres.txt)"

@@ -114,7 +114,8 @@ def test_a_sigkilled_worker_leaves_its_turn_saved_as_worker_lost(serve, database
     seen = read_sse(a.url + "/chat/sse", json_body={"prompt": "doomed"}, headers=key,
                     until=lambda got: len(got.of("delta")) >= 3)
     conversation_id, message_id = seen.events[0]["conversation_id"], seen.events[0]["message_id"]
-    wait_for(lambda: turn(b, conversation_id, message_id, headers=key)["content"], what="a checkpoint")
+    wait_for(lambda: turn(b, conversation_id, message_id, headers=key)["content"].startswith(seen.text),
+             what="a checkpoint of what the client saw")
     remote: list[dict] = []  # a reconnect that the router sent to B, while A still produces it
     reader = threading.Thread(target=lambda: remote.extend(read_sse(
         b.url + "/chat/sse", method="GET", headers={**key, "Last-Event-ID": seen.ids[-1]}).events))
@@ -212,7 +213,7 @@ def test_a_slow_query_does_not_stall_the_gevent_workers_other_streams(serve, pos
 @pytest.fixture
 def own_postgres():
     """A cluster of its own, for a test that stops it."""
-    from .databases import PostgresCluster, available
+    from bench.databases import PostgresCluster, available
 
     if not available():
         pytest.skip("PostgreSQL is not installed")

@@ -173,6 +173,7 @@ class Reply {
     else if (event.type === "reasoning") this.addReasoning(event.text);
     else if (event.type === "delta") this.addText(event.text);
     else if (event.type === "done") this.finish(event.usage, event.duration_ms);
+    else if (event.type === "error" && event.error.code === "stopped") this.stop();
     else if (event.type === "error") this.fail(event.error);
   }
 
@@ -226,8 +227,9 @@ function showStored(message) {
   if (message.status === "complete") {
     reply.finish(message.usage, message.duration_ms);
   } else if (message.status === "interrupted") {
-    // Stopped by its reader ("interrupted"), or cut short by a server restart ("shutdown", "lost").
-    reply.stop(message.error_code === "interrupted" ? "Stopped" : "Interrupted");
+    // Stopped by its reader ("stopped", "interrupted"), or cut short by a server restart
+    // ("shutdown", "worker_lost").
+    reply.stop(["stopped", "interrupted"].includes(message.error_code) ? "Stopped" : "Interrupted");
   } else if (message.status === "error") {
     reply.fail({ code: message.error_code, message: "the answer failed" });
   } else {
@@ -266,7 +268,8 @@ async function send(prompt) {
     await readEvents(response, (type, data) => reply.event(JSON.parse(data)));
     if (!reply.ended) reply.fail({ code: "connection_lost", message: "the stream ended before the answer did" });
   } catch (error) {
-    // Stopping aborts the request: the server notices, stops the model and keeps the turn as interrupted.
+    // Stop asks the server (below); when that fails, it aborts the request, which the server
+    // notices too: either way it stops the model and keeps the turn as interrupted.
     if (controller.signal.aborted) reply.stop();
     else reply.fail(error);
   } finally {
@@ -275,6 +278,19 @@ async function send(prompt) {
       setStreaming(false);
     }
     loadConversations();
+  }
+}
+
+// Stop ends the answer on whichever server produces it; the stream then ends with a "stopped"
+// event, so the page shows exactly the text that was saved.
+async function stop() {
+  const controller = state.controller;
+  if (!controller) return;
+  try {
+    if (!state.conversationId) throw new Error("no conversation yet");
+    await api(`/conversations/${encodeURIComponent(state.conversationId)}/stop`, { method: "POST" });
+  } catch {
+    controller.abort();
   }
 }
 
@@ -412,7 +428,7 @@ function setUp() {
     event.preventDefault();
     composer.requestSubmit();
   });
-  $("stop").addEventListener("click", () => state.controller && state.controller.abort());
+  $("stop").addEventListener("click", stop);
   $("new-chat").addEventListener("click", newChat);
   $("toggle-list").addEventListener("click", () => {
     const open = $("sidebar").classList.toggle("open");

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from typing import Protocol
 
 from ..config import Settings
@@ -42,11 +43,12 @@ class StoreUnavailable(Exception):
 
 
 class FailureLog:
-    """Log a store that keeps failing once a minute, with the count, not a traceback per call."""
+    """Log a server that keeps failing once a minute, with the count, not a traceback per call."""
 
     EVERY_S = 60.0
 
-    def __init__(self) -> None:
+    def __init__(self, subject: str = "the store") -> None:
+        self.subject = subject
         self.failures = 0
         self.logged_at = -self.EVERY_S
 
@@ -54,14 +56,17 @@ class FailureLog:
         self.failures += 1
         now = time.monotonic()
         if now - self.logged_at >= self.EVERY_S:
-            log.error("the store is unavailable (%s failed, %d time(s) since the last line): %s: %s",
-                      what, self.failures, type(exc).__name__, str(exc).strip().splitlines()[0] if str(exc) else "")
+            first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+            log.error("%s is unavailable (%s failed, %d time(s) since the last line): %s: %s",
+                      self.subject, what, self.failures, type(exc).__name__, first_line)
             self.logged_at, self.failures = now, 0
         return StoreUnavailable(f"{type(exc).__name__}: the database could not be used")
 
 
 class Store(Protocol):
     name: str
+    lost_events: Callable[[str], list[dict] | None] | None  # see live.LiveLog.events
+
 
     def begin_turn(
         self,

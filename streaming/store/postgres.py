@@ -89,7 +89,8 @@ class PostgresStore(SQLStore):
             import psycopg_pool  # noqa: F401
         except ImportError:
             raise RuntimeError(
-                "DATABASE_URL names PostgreSQL: install its driver with `pip install -r requirements-postgres.txt`"
+                "DATABASE_URL names PostgreSQL: install its driver with"
+                " `pip install -r requirements.txt -r requirements-postgres.txt`"
             ) from None
         super().__init__(settings)
         self.url = settings.database_url

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import time
 import uuid
+from collections.abc import Callable
 from contextlib import AbstractContextManager
 
 from ..config import Settings
@@ -34,6 +35,8 @@ def text_of(events: list[dict]) -> str:
 
 class SQLStore:
     name = "sql"
+    # What the live log knows of a dead worker's answer, beyond its last checkpoint (`live`).
+    lost_events: Callable[[str], list[dict] | None] | None = None
 
     def __init__(self, settings: Settings) -> None:
         self.history_chars = settings.history_chars
@@ -187,7 +190,7 @@ class SQLStore:
         ).fetchall()
         reaped = []
         for row in rows:
-            events = decode_events(row["events"]) or [
+            events = (self.lost_events and self.lost_events(row["id"])) or decode_events(row["events"]) or [
                 {"type": "start", "conversation_id": row["conversation_id"], "message_id": row["id"],
                  "model": row["model"]},
             ]

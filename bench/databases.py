@@ -1,4 +1,4 @@
-"""Real database servers for the tests: a PostgreSQL cluster each test session makes in a
+"""Real database servers for the tests and the benchmarks: a PostgreSQL cluster made in a
 temporary directory, on a loopback port, stopped by its PID.
 
 PostgreSQL refuses to run as root: as root (as in CI) `initdb` and `postgres` run as the
@@ -14,16 +14,24 @@ import shutil
 import signal
 import subprocess
 import tempfile
+import time
 import uuid
 from pathlib import Path
 
-from .conftest import free_port, wait_for
+from .server import free_port
 
 
 def postgres_bin(name: str) -> str | None:
     """Debian keeps the server's programs off PATH, in /usr/lib/postgresql/<version>/bin."""
     found = sorted(glob.glob(f"/usr/lib/postgresql/*/bin/{name}"), key=lambda p: int(p.split("/")[4]))
     return found[-1] if found else shutil.which(name)
+
+
+def self_signed(key: Path, cert: Path) -> None:
+    """A key (mode 0600) and a self-signed certificate for localhost, as the servers' TLS needs."""
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-subj", "/CN=localhost",
+                    "-keyout", str(key), "-out", str(cert)], check=True, capture_output=True)
+    os.chmod(key, 0o600)
 
 
 def as_postgres(command: list[str]) -> list[str]:
@@ -40,10 +48,10 @@ class PostgresCluster:
             shutil.chown(self.dir, "postgres", "postgres")
         subprocess.run(as_postgres([postgres_bin("initdb"), "-D", str(self.data), "-A", "trust", "-U", "postgres",
                                     "--no-sync", "-E", "UTF8"]), check=True, capture_output=True)
-        subprocess.run(as_postgres(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2",
-                                    "-subj", "/CN=localhost", "-keyout", str(self.data / "server.key"),
-                                    "-out", str(self.data / "server.crt")]), check=True, capture_output=True)
-        os.chmod(self.data / "server.key", 0o600)
+        self_signed(self.data / "server.key", self.data / "server.crt")
+        if os.geteuid() == 0:
+            for name in ("server.key", "server.crt"):
+                shutil.chown(self.data / name, "postgres", "postgres")
         self.start()
 
     def url(self, database: str = "postgres", **params: str) -> str:
@@ -58,7 +66,11 @@ class PostgresCluster:
                          "-c", "full_page_writes=off", "-c", "max_connections=300", "-c", "ssl=on"]),
             stdout=log, stderr=subprocess.STDOUT,
         )
-        wait_for(self.ready, timeout=30, what="PostgreSQL to accept connections")
+        deadline = time.monotonic() + 30
+        while not self.ready():
+            if time.monotonic() > deadline:
+                raise RuntimeError("PostgreSQL did not accept connections within 30 s")
+            time.sleep(0.05)
 
     def ready(self) -> bool:
         if self.process.poll() is not None:
@@ -97,14 +109,64 @@ def available() -> bool:
     return postgres_bin("initdb") is not None and (os.geteuid() != 0 or shutil.which("runuser") is not None)
 
 
-def wait_gone(pid: int, timeout: float = 30) -> None:
-    """Until the process `pid` has exited (a SIGKILLed worker, say)."""
-    def gone() -> bool:
+
+class RedisServer:
+    """`redis-server --save ''` on a loopback port (and with `tls`, a TLS port whose certificate
+    is made here and self-signed, as Heroku Redis's is), stopped by its PID."""
+
+    def __init__(self, tls: bool = False) -> None:
+        self.dir = Path(tempfile.mkdtemp(prefix="redis-test-"))
+        self.port = free_port()
+        self.tls = tls
+        self.process: subprocess.Popen | None = None
+        if tls:
+            self_signed(self.dir / "redis.key", self.dir / "redis.crt")
+        self.start()
+
+    def url(self) -> str:
+        return f"rediss://127.0.0.1:{self.port}/0" if self.tls else f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self) -> None:
+        ports = ["--port", "0", "--tls-port", str(self.port), "--tls-cert-file", str(self.dir / "redis.crt"),
+                 "--tls-key-file", str(self.dir / "redis.key"), "--tls-auth-clients", "no"] if self.tls else [
+                 "--port", str(self.port)]
+        self.process = subprocess.Popen(
+            ["redis-server", *ports, "--bind", "127.0.0.1", "--save", "", "--appendonly", "no", "--dir", str(self.dir)],
+            stdout=(self.dir / "redis.log").open("ab"), stderr=subprocess.STDOUT,
+        )
+        deadline = time.monotonic() + 30
+        while not self.ready():
+            if self.process.poll() is not None:
+                raise RuntimeError("redis-server exited:\n" + (self.dir / "redis.log").read_text())
+            if time.monotonic() > deadline:
+                raise RuntimeError("redis-server did not accept connections within 30 s")
+            time.sleep(0.05)
+
+    def ready(self) -> bool:
+        import redis
+
+        client = redis.Redis.from_url(self.url() + ("?ssl_cert_reqs=none" if self.tls else ""), socket_timeout=1)
         try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
-            return True
+            return bool(client.ping())
+        except redis.RedisError:
+            return False
+        finally:
+            client.close()
+
+    def kill(self) -> None:
+        """SIGKILL, as a crash or an outage: everything in it is gone (`--save ''`)."""
+        if self.process is not None and self.process.poll() is None:
+            self.process.kill()
+            self.process.wait(timeout=30)
+
+    def remove(self) -> None:
+        self.kill()
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+def redis_available() -> bool:
+    try:
+        import redis  # noqa: F401
+    except ImportError:
         return False
-
-    wait_for(gone, timeout=timeout, what=f"process {pid} to exit")
-
+    return shutil.which("redis-server") is not None
