@@ -3,7 +3,9 @@
 `--only p1,p2` picks measures; `--before DIR` adds another checkout of the service (e.g. an older
 commit, from `git worktree add`) to P1, P2 and P3, side by side in the same run; `--before-env
 NAME=VALUE` sets a variable for that checkout only. `--postgres` adds the service on PostgreSQL
-(a cluster the bench starts, as the tests do) to P1 and P2, beside the embedded default.
+(a cluster the bench starts, as the tests do) to P1 and P2, beside the embedded default, and
+`--redis` the service on PostgreSQL and Redis. `storm` (not in the default set) is the reconnect
+storm between two hosts sharing PostgreSQL and Redis.
 """
 
 from __future__ import annotations
@@ -36,19 +38,27 @@ def main() -> None:
                         help="a variable for the --before checkout only (e.g. MAX_STREAMS_PER_KEY=100000 for one "
                         "from before 2026-11-25, where 0 refused every stream)")
     parser.add_argument("--postgres", action="store_true", help="add the service on PostgreSQL to P1 and P2")
+    parser.add_argument("--redis", action="store_true", help="add the service on PostgreSQL and Redis to P1 and P2")
     parser.add_argument("--chart", type=Path, help="where to write the P4 chart (default docs/performance.png)")
     parser.add_argument("--json", type=Path, help="write every row as JSON here")
     parser.add_argument("--markdown", action="store_true", help="print tables as Markdown")
     args = parser.parse_args()
-    names = args.only.split(",") if args.only else [n for n in MEASURES if not (args.quick and n == "p2-10k")]
+    skipped = {"storm", "p2-10k"} if args.quick else {"storm"}  # the storm: only when asked for
+    names = args.only.split(",") if args.only else [n for n in MEASURES if n not in skipped]
     before = args.before and server.Checkout(args.before, dict(kv.split("=", 1) for kv in args.before_env))
-    if args.postgres:
-        from .databases import PostgresCluster
+    if args.postgres or args.redis:
+        from .databases import PostgresCluster, RedisServer
 
         cluster = PostgresCluster()
         atexit.register(cluster.remove)
         url = cluster.url(cluster.create_database())
-        measures.VARIANTS["service, PostgreSQL"] = server.Checkout(env={"DATABASE_URL": url})
+        if args.postgres:
+            measures.VARIANTS["service, PostgreSQL"] = server.Checkout(env={"DATABASE_URL": url})
+        if args.redis:
+            redis = RedisServer()
+            atexit.register(redis.remove)
+            measures.VARIANTS["service, PostgreSQL + Redis"] = server.Checkout(
+                env={"DATABASE_URL": url, "REDIS_URL": redis.url()})
     limit = server.raise_nofile()
     print(f"machine: {machine()}; open files: {limit}", flush=True)
     results = {}

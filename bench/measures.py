@@ -234,10 +234,13 @@ def p4_contrast(quick: bool, before: srv.Checkout | None = None) -> list[dict]:
     return rows
 
 
+from .storm import p_storm  # noqa: E402
+
 MEASURES = {
     "p1": ("P1 cost per token", p1_cost),
     "p2": ("P2 concurrency, one gevent worker", p2_concurrency),
     "p4": ("P4 worker classes", p4_contrast),
     "p3": ("P3 relay overhead", p3_relay),
     "p2-10k": ("P2 10,000 streams", p2_ten_thousand),
+    "storm": ("Reconnect storm, host A to host B (PostgreSQL + Redis)", p_storm),
 }

@@ -6,7 +6,7 @@ import logging
 
 from flask import Flask, jsonify
 
-from . import auth, batch, chat, conversations, errors, metrics, openai_api, ui
+from . import auth, batch, chat, conversations, errors, limits, metrics, openai_api, ui
 from .config import Settings
 from .live import open_live_log
 from .providers import load_provider
@@ -32,6 +32,7 @@ def create_app(settings: Settings | None = None) -> Flask:
     )
     errors.init_app(app)
     auth.init_app(app, settings.api_keys)
+    limits.init_app(app, settings)
     metrics.init_app(app)
     app.register_blueprint(chat.bp)
     app.register_blueprint(conversations.bp)
@@ -57,6 +58,7 @@ def create_app(settings: Settings | None = None) -> Flask:
             provider=svc.provider.name,
             model=svc.provider.default_model,
             store=store,
+            **svc.live_log.check(),
             worker_class=settings.worker_class,
             streams_in_flight=len(svc.live),
         )

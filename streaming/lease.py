@@ -43,7 +43,7 @@ class Leaser:
         start_thread(self._run, "leases")
 
     def _run(self) -> None:
-        due = 0.0
+        due = time.monotonic() + self.every_s  # the leases taken at the start of a turn last LEASE_S
         while True:
             time.sleep(min(STOP_POLL_S, self.every_s))
             try:

@@ -114,6 +114,22 @@ def postgres():
     cluster.remove()
 
 
+@pytest.fixture(scope="session")
+def redis_server():
+    """A redis-server for the whole session (bench/databases.py); its keys are per answer, so
+    tests do not see each other's."""
+    from bench.databases import RedisServer, redis_available
+
+    if not redis_available():
+        message = "Redis is not installed (apt-get install redis-server; pip install -r requirements-redis.txt)"
+        if os.environ.get("CI"):
+            pytest.fail(message)
+        pytest.skip(message)
+    server = RedisServer()
+    yield server
+    server.remove()
+
+
 def store_url(kind: str, request: pytest.FixtureRequest, tmp_path: Path) -> str:
     """A fresh, empty store of `kind` ("sqlite" or "postgres") for one test."""
     if kind == "sqlite":

@@ -47,13 +47,16 @@ def stream_key(message_id: str) -> str:
     return f"streaming:answer:{message_id}"
 
 
-def connect(url: str, socket_timeout: float = 5):
-    """A client for REDIS_URL (`redis://` or `rediss://`; `?ssl_cert_reqs=none` for Heroku Redis's
-    self-signed certificate) that fails within seconds rather than hangs."""
+def connect(settings: Settings, socket_timeout: float = 5):
+    """A client for REDIS_URL that fails within seconds rather than hangs. A `rediss://` server's
+    certificate is verified unless `REDIS_VERIFY_TLS=0` (or `?ssl_cert_reqs=none` in the URL):
+    Heroku Redis's is self-signed."""
     import redis
 
-    return redis.Redis.from_url(url, decode_responses=True, socket_timeout=socket_timeout, socket_connect_timeout=3,
-                                health_check_interval=30)
+    tls = {"ssl_cert_reqs": "none"} if settings.redis_url.startswith("rediss:") and not settings.redis_verify_tls \
+        else {}
+    return redis.Redis.from_url(settings.redis_url, decode_responses=True, socket_timeout=socket_timeout,
+                                socket_connect_timeout=3, health_check_interval=30, **tls)
 
 
 @dataclass
@@ -83,7 +86,7 @@ class RedisLog:
         except ImportError:
             raise RuntimeError("REDIS_URL is set: install its driver with"
                                " `pip install -r requirements.txt -r requirements-redis.txt`") from None
-        self.url = settings.redis_url
+        self.settings = settings
         self.ttl_s = int(settings.redis_stream_ttl_s)
         self.store_every_s = settings.lease_s / 3
         self.store = store
@@ -100,7 +103,7 @@ class RedisLog:
     # -- per process ----------------------------------------------------------------------
 
     def start(self, worker: str, live: dict) -> None:
-        self.client = connect(self.url)
+        self.client = connect(self.settings)
         self.live = live
         start_thread(self._flush_forever, "redis-flush")
         start_thread(self._read_forever, "redis-read")
@@ -254,7 +257,7 @@ class RedisLog:
 
     def _read_forever(self) -> None:
         """One blocking connection for every remote reader of this process."""
-        blocking = connect(self.url, socket_timeout=BLOCK_MS / 1000 + 5)
+        blocking = connect(self.settings, socket_timeout=BLOCK_MS / 1000 + 5)
         while True:
             with self._lock:
                 streams = dict(self._positions)
@@ -286,7 +289,7 @@ class RedisLog:
     def _stops_forever(self) -> None:
         while True:
             try:
-                pubsub = connect(self.url).pubsub(ignore_subscribe_messages=True)
+                pubsub = connect(self.settings).pubsub(ignore_subscribe_messages=True)
                 pubsub.subscribe(STOPS)
                 while True:
                     message = pubsub.get_message(timeout=1.0)

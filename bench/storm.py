@@ -1,0 +1,140 @@
+"""The reconnect storm: live SSE streams on host A whose clients all drop within a second and
+reconnect to host B with `Last-Event-ID`, as after a router that sends each request anywhere.
+
+A stream counts as resumed when the text it read on A, followed by the text it read on B, is
+exactly the answer as saved (no gap, no duplicate), and B's ids continue A's.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import random
+import time
+from dataclasses import dataclass
+
+import aiohttp
+
+from . import server as srv
+from .databases import PostgresCluster, RedisServer
+
+
+@dataclass
+class Hop:
+    conversation_id: str = ""
+    message_id: str = ""
+    text_a: str = ""
+    text_b: str = ""
+    last_seq: int = -1
+    ids_continue: bool = True
+    resumed_after: float | None = None  # seconds from the reconnect to B's first event
+    resumed_at: float | None = None  # perf_counter of B's first event
+    ended_at: float | None = None  # perf_counter when B's stream ended
+    error: str | None = None
+
+
+def _events(buffer: bytes) -> tuple[list[tuple[int, dict]], bytes]:
+    """(seq, event) of the whole frames in `buffer`, and what is left of it."""
+    *frames, rest = buffer.split(b"\n\n")
+    events = []
+    for frame in frames:
+        fields = dict(line.split(": ", 1) for line in frame.decode().split("\n") if ": " in line)
+        if "data" in fields:
+            events.append((int(fields["id"].rsplit(":", 1)[1]), json.loads(fields["data"])))
+    return events, rest
+
+
+async def hop(session: aiohttp.ClientSession, a: str, b: str, drop: asyncio.Event, spread_s: float,
+              hop_: Hop) -> None:
+    try:
+        async with session.get(a + "/chat/sse?prompt=storm") as response:
+            buffer = b""
+            async for chunk in response.content.iter_any():
+                events, buffer = _events(buffer + chunk)
+                for seq, event in events:
+                    hop_.last_seq = seq
+                    if event["type"] == "start":
+                        hop_.conversation_id, hop_.message_id = event["conversation_id"], event["message_id"]
+                    elif event["type"] == "delta":
+                        hop_.text_a += event["text"]
+                if drop.is_set():
+                    break
+        await asyncio.sleep(random.uniform(0, spread_s))  # every client reconnects within the second
+        asked = time.perf_counter()
+        headers = {"Last-Event-ID": f"{hop_.message_id}:{hop_.last_seq}"}
+        async with session.get(b + "/chat/sse", headers=headers) as response:
+            if response.status != 200:
+                hop_.error = f"HTTP {response.status}"
+                return
+            buffer, previous = b"", hop_.last_seq
+            async for chunk in response.content.iter_any():
+                events, buffer = _events(buffer + chunk)
+                for seq, event in events:
+                    if hop_.resumed_after is None:
+                        hop_.resumed_at = time.perf_counter()
+                        hop_.resumed_after = hop_.resumed_at - asked
+                    hop_.ids_continue &= seq > previous
+                    previous = seq
+                    if event["type"] == "delta":
+                        hop_.text_b += event["text"]
+                    elif event["type"] == "error":
+                        hop_.error = event["error"]["code"]
+        hop_.ended_at = time.perf_counter()
+    except (TimeoutError, aiohttp.ClientError, OSError) as exc:
+        hop_.error = type(exc).__name__
+
+
+async def _storm(a: srv.Server, b: srv.Server, streams: int, read_s: float) -> tuple[list[Hop], float, float, float]:
+    connector = aiohttp.TCPConnector(limit=0, force_close=True)
+    timeout = aiohttp.ClientTimeout(total=None, sock_connect=60, sock_read=120)
+    hops, drop = [Hop() for _ in range(streams)], asyncio.Event()
+    async with aiohttp.ClientSession(connector=connector, timeout=timeout) as session:
+        tasks = []
+        for one in hops:  # clients arrive over a second
+            tasks.append(asyncio.create_task(hop(session, a.url, b.url, drop, 1.0, one)))
+            await asyncio.sleep(1.0 / streams)
+        await asyncio.sleep(read_s)
+        cpu_before, dropped = b.cpu(), time.perf_counter()
+        drop.set()
+        await asyncio.gather(*tasks)
+        cpu_b = b.cpu() - cpu_before
+        saved = {}
+        for one in hops:
+            if one.conversation_id:
+                async with session.get(f"{b.url}/conversations/{one.conversation_id}") as response:
+                    saved[one.message_id] = (await response.json())["messages"][-1]["content"]
+    for one in hops:
+        if one.error is None and one.text_a + one.text_b != saved.get(one.message_id):
+            one.error = "gap or duplicate"
+    last = max((one.resumed_at or dropped) - dropped for one in hops)
+    return hops, dropped, cpu_b, last
+
+
+def p_storm(quick: bool, before: srv.Checkout | None = None) -> list[dict]:
+    """1,000 live SSE streams on A (20 tokens/s, 200 tokens), dropped after 2 s and resumed on B:
+    two hosts (one gevent worker each) sharing PostgreSQL and Redis."""
+    streams = 200 if quick else 1000
+    cluster, redis = PostgresCluster(), RedisServer()
+    try:
+        env = {**srv.pace_env(200, 20), "DATABASE_URL": cluster.url(cluster.create_database()),
+               "REDIS_URL": redis.url(), "RESUME_GRACE_S": "30", "MAX_STREAMS_PER_KEY": "0"}
+        with srv.service("gevent", 1, env) as a, srv.service("gevent", 1, env) as b:
+            hops, _, cpu_b, last = asyncio.run(_storm(a, b, streams, read_s=2.0))
+    finally:
+        cluster.remove()
+        redis.remove()
+    resumed = [one for one in hops if one.error is None and one.ids_continue]
+    waits = sorted(one.resumed_after for one in hops if one.resumed_after is not None)
+    errors: dict[str, int] = {}
+    for one in hops:
+        if one.error or not one.ids_continue:
+            errors[one.error or "ids out of order"] = errors.get(one.error or "ids out of order", 0) + 1
+    return [{
+        "streams": streams,
+        "resumed, no gap or duplicate": len(resumed),
+        "first event on B p50 ms": 1000 * waits[len(waits) // 2] if waits else None,
+        "first event on B p99 ms": 1000 * waits[min(len(waits) - 1, int(len(waits) * 0.99))] if waits else None,
+        "last resumed, s after the drop": last,
+        "B's CPU s": cpu_b,
+        "errors": ", ".join(f"{n} {e}" for e, n in errors.items()) or "-",
+    }]
