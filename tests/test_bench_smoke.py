@@ -50,3 +50,17 @@ def test_relay_through_the_bench_upstream():
         with srv.service("gevent", 1, env) as relay:
             relayed = measures.load(relay, measures.SSE, 2, 2)
             assert relayed.completed == 2 and relayed.tokens == 24
+
+
+def test_the_reconnect_storm_resumes_every_stream(postgres, redis_server):
+    """The storm measure at a small scale, against the servers the tests start."""
+    import asyncio
+
+    from bench.storm import _storm
+
+    env = {**srv.pace_env(60, 20), "DATABASE_URL": postgres.url(postgres.create_database()),
+           "REDIS_URL": redis_server.url(), "RESUME_GRACE_S": "30"}
+    with srv.service("gevent", 1, env) as a, srv.service("gevent", 1, env) as b:
+        hops, _, cpu_b, last = asyncio.run(_storm(a, b, 10, read_s=1.0))
+    assert [(h.error, h.ids_continue) for h in hops] == [(None, True)] * 10
+    assert all(h.text_a and h.text_b for h in hops)  # each read part of its answer on each host

@@ -250,6 +250,8 @@ def test_postgres_stopped_mid_run(tmp_path, own_postgres):
                          and t, what="the answer that ended while the store was down to be saved")
         assert saved["content"] == said and saved["error_code"] == "storage_error"
         assert read_sse(server.url + "/chat/sse", json_body={"prompt": "back"}).events[-1]["type"] == "done"
+        log = server.log.read_text()
+        assert log.count("the store is unavailable") == 1 and "Traceback" not in log  # one line a minute
     finally:
         server.stop()
 
