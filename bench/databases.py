@@ -27,6 +27,15 @@ def postgres_bin(name: str) -> str | None:
     return found[-1] if found else shutil.which(name)
 
 
+def wait_ready(ready, what: str, timeout: float = 30) -> None:
+    """Poll `ready()` (which raises if the server exited) until it holds."""
+    deadline = time.monotonic() + timeout
+    while not ready():
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"{what} did not accept connections within {timeout:g} s")
+        time.sleep(0.05)
+
+
 def self_signed(key: Path, cert: Path) -> None:
     """A key (mode 0600) and a self-signed certificate for localhost, as the servers' TLS needs."""
     subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-subj", "/CN=localhost",
@@ -66,11 +75,7 @@ class PostgresCluster:
                          "-c", "full_page_writes=off", "-c", "max_connections=300", "-c", "ssl=on"]),
             stdout=log, stderr=subprocess.STDOUT,
         )
-        deadline = time.monotonic() + 30
-        while not self.ready():
-            if time.monotonic() > deadline:
-                raise RuntimeError("PostgreSQL did not accept connections within 30 s")
-            time.sleep(0.05)
+        wait_ready(self.ready, "PostgreSQL")
 
     def ready(self) -> bool:
         if self.process.poll() is not None:
@@ -101,12 +106,17 @@ class PostgresCluster:
         shutil.rmtree(self.dir, ignore_errors=True)
 
 
-def available() -> bool:
+def installed(driver: str, program: str | None) -> bool:
+    """Whether the Python driver imports and the server's program is there."""
     try:
-        import psycopg  # noqa: F401
+        __import__(driver)
     except ImportError:
         return False
-    return postgres_bin("initdb") is not None and (os.geteuid() != 0 or shutil.which("runuser") is not None)
+    return program is not None and shutil.which(program) is not None
+
+
+def available() -> bool:
+    return installed("psycopg", postgres_bin("initdb")) and (os.geteuid() != 0 or shutil.which("runuser") is not None)
 
 
 
@@ -134,16 +144,13 @@ class RedisServer:
             ["redis-server", *ports, "--bind", "127.0.0.1", "--save", "", "--appendonly", "no", "--dir", str(self.dir)],
             stdout=(self.dir / "redis.log").open("ab"), stderr=subprocess.STDOUT,
         )
-        deadline = time.monotonic() + 30
-        while not self.ready():
-            if self.process.poll() is not None:
-                raise RuntimeError("redis-server exited:\n" + (self.dir / "redis.log").read_text())
-            if time.monotonic() > deadline:
-                raise RuntimeError("redis-server did not accept connections within 30 s")
-            time.sleep(0.05)
+        wait_ready(self.ready, "redis-server")
 
     def ready(self) -> bool:
         import redis
+
+        if self.process.poll() is not None:
+            raise RuntimeError("redis-server exited:\n" + (self.dir / "redis.log").read_text())
 
         client = redis.Redis.from_url(self.url() + ("?ssl_cert_reqs=none" if self.tls else ""), socket_timeout=1)
         try:
@@ -165,8 +172,4 @@ class RedisServer:
 
 
 def redis_available() -> bool:
-    try:
-        import redis  # noqa: F401
-    except ImportError:
-        return False
-    return shutil.which("redis-server") is not None
+    return installed("redis", "redis-server")

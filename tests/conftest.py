@@ -98,17 +98,22 @@ def start_server(tmp_path: Path, worker_class: str, env: dict | None = None, db:
     return server
 
 
+def needs(available: bool, message: str) -> None:
+    """Skip a test whose server is not installed; fail it in CI, which installs every one."""
+    if not available:
+        if os.environ.get("CI"):
+            pytest.fail(message)
+        pytest.skip(message)
+
+
 @pytest.fixture(scope="session")
 def postgres():
     """A PostgreSQL cluster for the whole session (bench/databases.py); each test that uses it
     makes its own database."""
     from bench.databases import PostgresCluster, available
 
-    if not available():
-        message = "PostgreSQL is not installed (apt-get install postgresql; pip install -r requirements-postgres.txt)"
-        if os.environ.get("CI"):
-            pytest.fail(message)
-        pytest.skip(message)
+    needs(available(), "PostgreSQL is not installed (apt-get install postgresql;"
+                       " pip install -r requirements-postgres.txt)")
     cluster = PostgresCluster()
     yield cluster
     cluster.remove()
@@ -120,11 +125,8 @@ def redis_server():
     tests do not see each other's."""
     from bench.databases import RedisServer, redis_available
 
-    if not redis_available():
-        message = "Redis is not installed (apt-get install redis-server; pip install -r requirements-redis.txt)"
-        if os.environ.get("CI"):
-            pytest.fail(message)
-        pytest.skip(message)
+    needs(redis_available(), "Redis is not installed (apt-get install redis-server;"
+                             " pip install -r requirements-redis.txt)")
     server = RedisServer()
     yield server
     server.remove()

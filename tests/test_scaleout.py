@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import requests
 
-from .conftest import STORES, Server, start_server, store_url, wait_for
+from .conftest import STORES, Server, needs, start_server, store_url, wait_for
 from .streams import read_sse
 
 
@@ -215,8 +215,7 @@ def own_postgres():
     """A cluster of its own, for a test that stops it."""
     from bench.databases import PostgresCluster, available
 
-    if not available():
-        pytest.skip("PostgreSQL is not installed")
+    needs(available(), "PostgreSQL is not installed")
     cluster = PostgresCluster()
     yield cluster
     cluster.remove()
