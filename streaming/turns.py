@@ -173,17 +173,21 @@ def outcome(answer: Answer) -> tuple[str, str | None]:
 
 def save_turn(svc: Service, answer: Answer, events: list[dict]) -> None:
     """Save the ended answer. When that fails the client is told (`storage_error`, unless the
-    answer was stopped and its last event sent already) and the save is tried again with each
-    renewal of the leases, with the answer as it ended, until the store takes it."""
+    answer was stopped and its last event sent already) and the leases' thread tries again every
+    second, with the answer as it ended (its last event is the one the client got), until the
+    store takes it."""
     status, code = outcome(answer)
     try:
         svc.store.end_turn(answer.message_id, status, events, code)
     except Exception as exc:
         if not isinstance(exc, StoreUnavailable):  # which the store logged already
             log.exception("saving the turn failed")
-        svc.leaser.unsaved[answer.message_id] = lambda: svc.store.end_turn(
-            answer.message_id, outcome(answer)[0], answer.events(0), outcome(answer)[1]
-        )
+
+        def save_again() -> None:
+            saved_status, saved_code = outcome(answer)
+            svc.store.end_turn(answer.message_id, saved_status, answer.events(0), saved_code)
+
+        svc.leaser.unsaved[answer.message_id] = save_again
         if not answer.ended:
             status, code = "error", STORAGE_ERROR["code"]
         raise

@@ -5,7 +5,8 @@ follows an answer as it is written, and a stop reaches its producer at once.
   answer it produces that grew, one `XADD` of the new events to `streaming:answer:<message_id>`,
   all answers in one pipelined round trip. An entry holds `seq`, the sequence number of its first
   event (so that an SSE id means the same on every host), and `events`, a JSON list. An ended
-  answer's stream expires `REDIS_STREAM_TTL_S` after its last event. After a failed flush (Redis
+  answer's stream expires `REDIS_STREAM_TTL_S` after its last event (and any stream
+  `MAX_STREAM_S` later than that, should that last EXPIRE be lost). After a failed flush (Redis
   restarted: its streams are gone) every answer is published again from its first event.
 - **Reading.** A reader replays the stream with `XRANGE`, then one thread per process tails every
   stream its readers follow with one `XREAD BLOCK` on one connection, and hands each reader its
@@ -88,6 +89,7 @@ class RedisLog:
                                " `pip install -r requirements.txt -r requirements-redis.txt`") from None
         self.settings = settings
         self.ttl_s = int(settings.redis_stream_ttl_s)
+        self.live_ttl_s = int(settings.max_stream_s + settings.redis_stream_ttl_s)
         self.store_every_s = settings.lease_s / 3
         self.store = store
         self.failures = FailureLog("Redis")
@@ -151,15 +153,16 @@ class RedisLog:
         pipe = self.client.pipeline(transaction=False)
         flushed, finished = {}, []
         for message_id, answer in list(self._following.items()):
-            sent, size, ended = self._sent.get(message_id, 0), answer.size(), answer.ended
+            ended, sent, size = answer.ended, self._sent.get(message_id, 0), answer.size()
             key = stream_key(message_id)
             if sent < 0:  # after a failure: start the stream again, whole
                 pipe.delete(key)
                 sent = 0
             if size > sent:
                 pipe.xadd(key, {"seq": sent, "events": encode_events(answer.events(sent)[: size - sent])})
+                pipe.expire(key, self.live_ttl_s)  # a key that missed its last EXPIRE goes all the same
                 flushed[message_id] = size
-            if ended:
+            elif ended:  # ended before the previous flush read its size: its last event is in Redis
                 pipe.expire(key, self.ttl_s)
                 finished.append(message_id)
         if not len(pipe):
@@ -281,7 +284,8 @@ class RedisLog:
                         batch = entry(fields)
                         for reader in self._readers.get(key, []):
                             reader.batches.put(batch)
-                    if key in self._positions and entries:
+                    # Unless a reader registered meanwhile moved it back to what it still needs.
+                    if entries and self._positions.get(key) == streams.get(key):
                         self._positions[key] = entries[-1][0]
 
     # -- stopping -------------------------------------------------------------------------

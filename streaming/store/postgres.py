@@ -100,6 +100,13 @@ class PostgresStore(SQLStore):
         self._pool = None
         self._pid = 0
         self._migrated = False
+        self._checking = threading.Lock()
+
+    def _check_pool(self, pool) -> None:
+        try:
+            pool.check()
+        finally:
+            self._checking.release()
 
     def pool(self):
         """The process's pool, opened at its first use (and again in a forked child)."""
@@ -141,7 +148,8 @@ class PostgresStore(SQLStore):
         except unavailable as exc:
             # The other pooled connections may be as dead as this one (the server restarted):
             # the pool checks them in the background, so that the next request gets a live one.
-            threading.Thread(target=pool.check, daemon=True).start()
+            if self._checking.acquire(blocking=False):  # one check at a time, not one per failed request
+                threading.Thread(target=self._check_pool, args=(pool,), daemon=True).start()
             raise self.failures.failed("a transaction", exc) from None
 
     def migrate(self, conn) -> None:
