@@ -4,8 +4,8 @@
 commit, from `git worktree add`) to P1, P2 and P3, side by side in the same run; `--before-env
 NAME=VALUE` sets a variable for that checkout only. `--postgres` adds the service on PostgreSQL
 (a cluster the bench starts, as the tests do) to P1 and P2, beside the embedded default, and
-`--redis` the service on PostgreSQL and Redis. `storm` (not in the default set) is the reconnect
-storm between two hosts sharing PostgreSQL and Redis.
+`--redis` the service on PostgreSQL and Redis. `storm` and `stop` (not in the default set) are the
+reconnect storm and Stop between two hosts sharing PostgreSQL and Redis.
 """
 
 from __future__ import annotations
@@ -43,7 +43,7 @@ def main() -> None:
     parser.add_argument("--json", type=Path, help="write every row as JSON here")
     parser.add_argument("--markdown", action="store_true", help="print tables as Markdown")
     args = parser.parse_args()
-    skipped = {"storm", "p2-10k"} if args.quick else {"storm"}  # the storm: only when asked for
+    skipped = {"storm", "stop", "p2-10k"} if args.quick else {"storm", "stop"}  # two hosts: only when asked for
     names = args.only.split(",") if args.only else [n for n in MEASURES if n not in skipped]
     before = args.before and server.Checkout(args.before, dict(kv.split("=", 1) for kv in args.before_env))
     if args.postgres or args.redis:

@@ -234,7 +234,7 @@ def p4_contrast(quick: bool, before: srv.Checkout | None = None) -> list[dict]:
     return rows
 
 
-from .storm import p_storm  # noqa: E402
+from .storm import p_stop, p_storm  # noqa: E402
 
 MEASURES = {
     "p1": ("P1 cost per token", p1_cost),
@@ -243,4 +243,5 @@ MEASURES = {
     "p3": ("P3 relay overhead", p3_relay),
     "p2-10k": ("P2 10,000 streams", p2_ten_thousand),
     "storm": ("Reconnect storm, host A to host B (PostgreSQL + Redis)", p_storm),
+    "stop": ("Stop across hosts, sent to B for answers on A (PostgreSQL + Redis)", p_stop),
 }

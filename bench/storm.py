@@ -1,16 +1,22 @@
-"""The reconnect storm: live SSE streams on host A whose clients all drop within a second and
-reconnect to host B with `Last-Event-ID`, as after a router that sends each request anywhere.
+"""Two hosts (one gevent worker each) sharing PostgreSQL and Redis, as behind a router that sends
+each request anywhere.
 
-A stream counts as resumed when the text it read on A, followed by the text it read on B, is
-exactly the answer as saved (no gap, no duplicate), and B's ids continue A's.
+- The reconnect storm: live SSE streams on host A whose clients all drop within a second and
+  reconnect to host B with `Last-Event-ID`. A stream counts as resumed when the text it read on A,
+  followed by the text it read on B, is exactly the answer as saved (no gap, no duplicate), and
+  B's ids continue A's.
+- Stop across hosts: `POST /conversations/<id>/stop` sent to B for answers streaming on A; the time
+  until A's client reads the `stopped` error event, and until B answers with the saved turn.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import random
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import aiohttp
@@ -110,19 +116,25 @@ async def _storm(a: srv.Server, b: srv.Server, streams: int, read_s: float) -> t
     return hops, dropped, cpu_b, last
 
 
-def p_storm(quick: bool, before: srv.Checkout | None = None) -> list[dict]:
-    """1,000 live SSE streams on A (20 tokens/s, 200 tokens), dropped after 2 s and resumed on B:
-    two hosts (one gevent worker each) sharing PostgreSQL and Redis."""
-    streams = 200 if quick else 1000
+@contextlib.contextmanager
+def two_hosts(env: dict) -> Iterator[tuple[srv.Server, srv.Server]]:
+    """Hosts A and B, one gevent worker each, on a PostgreSQL cluster and a redis-server of their own."""
     cluster, redis = PostgresCluster(), RedisServer()
     try:
-        env = {**srv.pace_env(200, 20), "DATABASE_URL": cluster.url(cluster.create_database()),
-               "REDIS_URL": redis.url(), "RESUME_GRACE_S": "30", "MAX_STREAMS_PER_KEY": "0"}
+        env = {**env, "DATABASE_URL": cluster.url(cluster.create_database()), "REDIS_URL": redis.url(),
+               "MAX_STREAMS_PER_KEY": "0"}
         with srv.service("gevent", 1, env) as a, srv.service("gevent", 1, env) as b:
-            hops, _, cpu_b, last = asyncio.run(_storm(a, b, streams, read_s=2.0))
+            yield a, b
     finally:
         cluster.remove()
         redis.remove()
+
+
+def p_storm(quick: bool, before: srv.Checkout | None = None) -> list[dict]:
+    """1,000 live SSE streams on A (20 tokens/s, 200 tokens), dropped after 2 s and resumed on B."""
+    streams = 200 if quick else 1000
+    with two_hosts({**srv.pace_env(200, 20), "RESUME_GRACE_S": "30"}) as (a, b):
+        hops, _, cpu_b, last = asyncio.run(_storm(a, b, streams, read_s=2.0))
     resumed = [one for one in hops if one.error is None and one.ids_continue]
     waits = sorted(one.resumed_after for one in hops if one.resumed_after is not None)
     errors: dict[str, int] = {}
@@ -132,9 +144,67 @@ def p_storm(quick: bool, before: srv.Checkout | None = None) -> list[dict]:
     return [{
         "streams": streams,
         "resumed, no gap or duplicate": len(resumed),
-        "first event on B p50 ms": 1000 * waits[len(waits) // 2] if waits else None,
-        "first event on B p99 ms": 1000 * waits[min(len(waits) - 1, int(len(waits) * 0.99))] if waits else None,
+        "first event on B p50 ms": _ms(waits, 0.5),
+        "first event on B p99 ms": _ms(waits, 0.99),
         "last resumed, s after the drop": last,
         "B's CPU s": cpu_b,
         "errors": ", ".join(f"{n} {e}" for e, n in errors.items()) or "-",
+    }]
+
+
+def _ms(seconds: list[float], q: float) -> float | None:
+    return 1000 * seconds[min(len(seconds) - 1, int(len(seconds) * q))] if seconds else None
+
+
+async def _stop_one(session: aiohttp.ClientSession, a: str, b: str, spread_s: float) -> tuple[float, float, str]:
+    """Start an answer on A, stop it through B: (s until A's stream ended, s until B answered, outcome)."""
+    async with session.get(a + "/chat/sse?prompt=stop") as response:
+        buffer, conversation_id, stop, asked = b"", None, None, 0.0
+        ended, outcome = time.perf_counter(), "no end event"
+        async for chunk in response.content.iter_any():
+            events, buffer = _events(buffer + chunk)
+            for _, event in events:
+                if event["type"] == "start":
+                    conversation_id = event["conversation_id"]
+                elif event["type"] == "delta" and stop is None:
+                    await asyncio.sleep(random.uniform(0, spread_s))
+                    asked = time.perf_counter()
+                    stop = asyncio.create_task(session.post(f"{b}/conversations/{conversation_id}/stop"))
+                elif event["type"] in ("done", "error"):
+                    ended = time.perf_counter()
+                    outcome = event["type"] if event["type"] == "done" else event["error"]["code"]
+    answer = await stop
+    answered = time.perf_counter()
+    outcome += "" if answer.status == 200 else f", B answered HTTP {answer.status}"
+    answer.release()
+    return ended - asked, answered - asked, outcome
+
+
+async def _stops(a: srv.Server, b: srv.Server, streams: int) -> list[tuple[float, float, str]]:
+    connector = aiohttp.TCPConnector(limit=0, force_close=True)
+    timeout = aiohttp.ClientTimeout(total=60)
+    async with aiohttp.ClientSession(connector=connector, timeout=timeout) as session:
+        return await asyncio.gather(*(_stop_one(session, a.url, b.url, 1.0) for _ in range(streams)))
+
+
+def p_stop(quick: bool, before: srv.Checkout | None = None) -> list[dict]:
+    """100 answers streaming on A (20 tokens/s, 200 tokens), each stopped through B within a second
+    of its first token."""
+    streams = 20 if quick else 100
+    with two_hosts(srv.pace_env(200, 20)) as (a, b):
+        results = asyncio.run(_stops(a, b, streams))
+    ended = sorted(r[0] for r in results)
+    answered = sorted(r[1] for r in results)
+    outcomes: dict[str, int] = {}
+    for *_, outcome in results:
+        outcomes[outcome] = outcomes.get(outcome, 0) + 1
+    return [{
+        "streams": streams,
+        "ended `stopped` on A": outcomes.get("stopped", 0),
+        "A's stream ended p50 ms": _ms(ended, 0.5),
+        "p99 ms": _ms(ended, 0.99),
+        "max ms": _ms(ended, 1.0),
+        "B answered p50 ms": _ms(answered, 0.5),
+        "B answered p99 ms": _ms(answered, 0.99),
+        "outcomes": ", ".join(f"{n} {o}" for o, n in outcomes.items()),
     }]

@@ -28,6 +28,7 @@ from collections.abc import Callable, Iterator
 
 from .config import Settings
 from .providers.base import Finish, ProviderError, Reasoning, Reply, Usage
+from .store import Log
 from .threads import start_thread
 from .wire import Framing
 
@@ -54,7 +55,7 @@ class Answer:
         conversation_id: str,
         model: str,
         settings: Settings,
-        on_end: Callable[[Answer, list[dict]], None] | None = None,
+        on_end: Callable[[Answer, Log], None] | None = None,
         context: dict | None = None,
     ) -> None:
         self.reply = reply
@@ -77,7 +78,8 @@ class Answer:
         self._lock = threading.Lock()  # for the end of the log and the count of readers
         self._changed = threading.Event()  # set, and replaced, when the log grows
         self._wake_at = math.inf  # when the clock must wake the readers (the first one due)
-        self._log: list[dict | str] = [
+        self.tokens = 0  # the deltas in the log
+        self._log: Log = [
             {"type": "start", "conversation_id": conversation_id, "message_id": message_id, "model": model},
             {"type": "status", "stage": "thinking"},
         ]
@@ -125,7 +127,7 @@ class Answer:
                 terminal = self._done_event() if error is None else {"type": "error", "error": error}
         if self.on_end is not None:
             try:  # saved before the terminal event goes out, so that the next turn sees it
-                self.on_end(self, self.events(0) if stopped else [*self.events(0), terminal])
+                self.on_end(self, self.log() if stopped else [*self._log, terminal])
             except Exception:  # a turn that could not be saved is no success (on_end logged why)
                 if not stopped:
                     self.error = STORAGE_ERROR
@@ -143,6 +145,7 @@ class Answer:
                 self.first_token_at = now
             self.last_upstream_at = now
             self._log.append(event)
+            self.tokens += type(event) is str
         self._wake()
 
     def _end(self, event: dict) -> None:
@@ -164,8 +167,7 @@ class Answer:
         woken.set()
 
     def _done_event(self) -> dict:
-        completion = sum(1 for e in self._log if type(e) is str)
-        usage = self.usage or {"prompt_tokens": 0, "completion_tokens": completion}
+        usage = self.usage or {"prompt_tokens": 0, "completion_tokens": self.tokens}
         return {
             "type": "done",
             "finish_reason": self.finish_reason or "stop",
@@ -184,7 +186,7 @@ class Answer:
 
     @property
     def text(self) -> str:
-        return "".join(e for e in self._log if type(e) is str)
+        return "".join([e for e in self._log if type(e) is str])
 
     # -- stopping -------------------------------------------------------------------------
 
@@ -227,6 +229,10 @@ class Answer:
     def events(self, offset: int) -> list[dict]:
         """The events from `offset` on."""
         return [{"type": "delta", "text": e} if type(e) is str else e for e in self._log[offset:]]
+
+    def log(self, start: int = 0, end: int | None = None) -> Log:
+        """The log from `start` to `end` as it is stored (see `store.Log`)."""
+        return self._log[start:end]
 
     def size(self) -> int:
         return len(self._log)

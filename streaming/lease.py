@@ -73,7 +73,7 @@ class Leaser:
     def renew(self) -> None:
         live = list(self.live.items())
         sizes = {message_id: answer.size() for message_id, answer in live}
-        answers = {m: answer.events(0) if self._sizes.get(m) != sizes[m] else None for m, answer in live}
+        answers = {m: answer.log() if self._sizes.get(m) != sizes[m] else None for m, answer in live}
         if answers:
             self.store.checkpoint(self.worker, answers)
         self._sizes = sizes

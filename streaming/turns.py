@@ -30,7 +30,7 @@ from .lease import STOPPED, Leaser
 from .live import LiveLog
 from .params import ChatRequest
 from .providers.base import Provider, ProviderError
-from .store import ConversationBusy, ConversationNotFound, Store, StoreUnavailable, TooManyStreams
+from .store import ConversationBusy, ConversationNotFound, Log, Store, StoreUnavailable, TooManyStreams
 from .wire import Framing
 
 STREAM_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
@@ -156,7 +156,7 @@ def begin_answer(chat: ChatRequest) -> Answer:
         conversation_id=conversation_id,
         model=model,
         settings=settings,
-        on_end=lambda answer, events: save_turn(svc, answer, events),
+        on_end=lambda answer, log: save_turn(svc, answer, log),
         context=context,
     )
     svc.live[message_id] = answer
@@ -171,21 +171,21 @@ def outcome(answer: Answer) -> tuple[str, str | None]:
     return ("complete" if code is None else "interrupted" if code in INTERRUPTIONS else "error"), code
 
 
-def save_turn(svc: Service, answer: Answer, events: list[dict]) -> None:
+def save_turn(svc: Service, answer: Answer, log: Log) -> None:
     """Save the ended answer. When that fails the client is told (`storage_error`, unless the
     answer was stopped and its last event sent already) and the leases' thread tries again every
     second, with the answer as it ended (its last event is the one the client got), until the
     store takes it."""
     status, code = outcome(answer)
     try:
-        svc.store.end_turn(answer.message_id, status, events, code)
+        svc.store.end_turn(answer.message_id, status, log, code)
     except Exception as exc:
         if not isinstance(exc, StoreUnavailable):  # which the store logged already
             log.exception("saving the turn failed")
 
         def save_again() -> None:
             saved_status, saved_code = outcome(answer)
-            svc.store.end_turn(answer.message_id, saved_status, answer.events(0), saved_code)
+            svc.store.end_turn(answer.message_id, saved_status, answer.log(), saved_code)
 
         svc.leaser.unsaved[answer.message_id] = save_again
         if not answer.ended:
@@ -193,9 +193,8 @@ def save_turn(svc: Service, answer: Answer, events: list[dict]) -> None:
         raise
     finally:
         svc.live.pop(answer.message_id, None)
-        tokens = sum(1 for e in events if e["type"] == "delta")
-        record_end(answer.context, answer.conversation_id, answer.message_id, status, code, answer.ttft_ms, tokens,
-                   answer.duration_ms, answer.heartbeats)
+        record_end(answer.context, answer.conversation_id, answer.message_id, status, code, answer.ttft_ms,
+                   answer.tokens, answer.duration_ms, answer.heartbeats)
 
 
 def record_end(context: dict, conversation_id: str, message_id: str, status: str, code: str | None,

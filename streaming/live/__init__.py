@@ -15,7 +15,7 @@ from collections.abc import Iterator
 from typing import TYPE_CHECKING, Protocol
 
 from ..config import Settings
-from ..store import Store
+from ..store import Log, Store
 
 if TYPE_CHECKING:
     from ..engine import Answer
@@ -38,9 +38,9 @@ class LiveLog(Protocol):
     def request_stop(self, message_id: str) -> None:
         """Ask the producer of the answer, wherever it runs, to stop it."""
 
-    def events(self, message_id: str) -> list[dict] | None:
-        """Every event known of the answer, for saving the turn of a dead worker; None: nothing
-        more than the store's checkpoint."""
+    def events(self, message_id: str) -> Log | None:
+        """Every event known of the answer (as stored), for saving the turn of a dead worker;
+        None: nothing more than the store's checkpoint."""
 
     def check(self) -> dict:
         """For /healthz: what the log depends on, and whether it is reachable."""

@@ -6,7 +6,7 @@ import time
 from collections.abc import Iterator
 
 from ..config import Settings
-from ..store import Store, StoreUnavailable
+from ..store import Log, Store, StoreUnavailable
 
 POLL_S = 1.0
 
@@ -29,7 +29,7 @@ class StoreLog:
     def request_stop(self, message_id: str) -> None:
         self.store.request_stop(message_id)
 
-    def events(self, message_id: str) -> list[dict] | None:
+    def events(self, message_id: str) -> Log | None:
         return None
 
     def check(self) -> dict:

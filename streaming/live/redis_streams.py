@@ -31,8 +31,8 @@ from dataclasses import dataclass, field
 
 from ..config import Settings
 from ..lease import STOPPED
-from ..store import FailureLog, Store, StoreUnavailable
-from ..store.sql import decode_events, encode_events
+from ..store import FailureLog, Log, Store, StoreUnavailable
+from ..store.sql import decode_events, encode_log, load_log
 from ..threads import start_thread
 from .checkpoints import checkpointed_events
 
@@ -129,16 +129,15 @@ class RedisLog:
             self.failures.failed("PING", exc)
             return {"redis": {"reachable": False}}
 
-    def events(self, message_id: str) -> list[dict] | None:
+    def events(self, message_id: str) -> Log | None:
         try:
             entries = self.client.xrange(stream_key(message_id))
         except Exception as exc:
             self.failures.failed("XRANGE", exc)
             return None
-        events: list[dict] = []
+        events: Log = []
         for _, fields in entries:
-            seq, batch = entry(fields)
-            events[seq:] = batch
+            events[int(fields["seq"]):] = load_log(fields["events"])
         return events or None
 
     # -- publishing -----------------------------------------------------------------------
@@ -159,7 +158,7 @@ class RedisLog:
                 pipe.delete(key)
                 sent = 0
             if size > sent:
-                pipe.xadd(key, {"seq": sent, "events": encode_events(answer.events(sent)[: size - sent])})
+                pipe.xadd(key, {"seq": sent, "events": encode_log(answer.log(sent, size))})
                 pipe.expire(key, self.live_ttl_s)  # a key that missed its last EXPIRE goes all the same
                 flushed[message_id] = size
             elif ended:  # ended before the previous flush read its size: its last event is in Redis

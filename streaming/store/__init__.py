@@ -24,6 +24,10 @@ log = logging.getLogger(__name__)
 
 WORKER_LOST = "worker_lost"
 
+# An answer's event log as it is kept and stored: its events, a `delta` as its bare text (nearly
+# every event of a log is one), so that the log is saved without a pass that rewrites it.
+Log = list[dict | str]
+
 
 class ConversationNotFound(Exception):
     pass
@@ -65,7 +69,7 @@ class FailureLog:
 
 class Store(Protocol):
     name: str
-    lost_events: Callable[[str], list[dict] | None] | None  # see live.LiveLog.events
+    lost_events: Callable[[str], Log | None] | None  # see live.LiveLog.events
 
 
     def begin_turn(
@@ -88,10 +92,10 @@ class Store(Protocol):
         has `max_streams` answers streaming with a live lease (on every worker and host: the rows
         are the count)."""
 
-    def end_turn(self, message_id: str, status: str, events: list[dict], error_code: str | None) -> None:
+    def end_turn(self, message_id: str, status: str, log: Log, error_code: str | None) -> None:
         """Complete the assistant's row from the answer's event log."""
 
-    def checkpoint(self, worker: str, answers: dict[str, list[dict] | None]) -> None:
+    def checkpoint(self, worker: str, answers: dict[str, Log | None]) -> None:
         """Renew the leases of `worker`'s answers and save the event log of those whose value is
         not None (the others have not changed since the last one), in one transaction."""
 

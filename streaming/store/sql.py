@@ -15,28 +15,31 @@ from collections.abc import Callable
 from contextlib import AbstractContextManager
 
 from ..config import Settings
-from . import WORKER_LOST, ConversationBusy, ConversationNotFound, TooManyStreams
+from . import WORKER_LOST, ConversationBusy, ConversationNotFound, Log, TooManyStreams
 
 LOST_MESSAGE = "the worker producing this answer stopped before the answer was complete"
 
 
-def encode_events(events: list[dict]) -> str:
-    """An event log as stored: JSON, a delta as its bare text (most of a log is deltas)."""
-    return json.dumps([e["text"] if e["type"] == "delta" else e for e in events], ensure_ascii=False)
+encode_log = json.JSONEncoder(ensure_ascii=False, separators=(",", ":")).encode  # a Log as stored: JSON
+
+
+def load_log(stored: str | None) -> Log:
+    return json.loads(stored) if stored else []
 
 
 def decode_events(stored: str | None) -> list[dict]:
-    return [{"type": "delta", "text": e} if type(e) is str else e for e in json.loads(stored)] if stored else []
+    """A stored log as the events that readers get."""
+    return [{"type": "delta", "text": e} if type(e) is str else e for e in load_log(stored)]
 
 
-def text_of(events: list[dict]) -> str:
-    return "".join(e["text"] for e in events if e["type"] == "delta")
+def text_of(log: Log) -> str:
+    return "".join([e for e in log if type(e) is str])
 
 
 class SQLStore:
     name = "sql"
     # What the live log knows of a dead worker's answer, beyond its last checkpoint (`live`).
-    lost_events: Callable[[str], list[dict] | None] | None = None
+    lost_events: Callable[[str], Log | None] | None = None
 
     def __init__(self, settings: Settings) -> None:
         self.history_chars = settings.history_chars
@@ -130,21 +133,21 @@ class SQLStore:
             kept.append(message)
         return kept[::-1]
 
-    def end_turn(self, message_id: str, status: str, events: list[dict], error_code: str | None) -> None:
-        done = next((e for e in events if e["type"] == "done"), {})
+    def end_turn(self, message_id: str, status: str, log: Log, error_code: str | None) -> None:
+        done = log[-1] if log and type(log[-1]) is dict and log[-1]["type"] == "done" else {}
         with self.transaction() as db:
             db.execute(
                 "UPDATE messages SET content = ?, status = ?, error_code = ?, usage = ?, finish_reason = ?,"
                 " ttft_ms = ?, duration_ms = ?, events = ?, finished_at = ? WHERE id = ?",
                 (
-                    text_of(events),
+                    text_of(log),
                     status,
                     error_code,
                     json.dumps(done["usage"]) if "usage" in done else None,
                     done.get("finish_reason"),
                     done.get("ttft_ms"),
                     done.get("duration_ms"),
-                    encode_events(events),
+                    encode_log(log),
                     time.time(),
                     message_id,
                 ),
@@ -152,9 +155,9 @@ class SQLStore:
 
     # -- leases ---------------------------------------------------------------------------
 
-    def checkpoint(self, worker: str, answers: dict[str, list[dict] | None]) -> None:
+    def checkpoint(self, worker: str, answers: dict[str, Log | None]) -> None:
         until = time.time() + self.lease_s
-        logs = [(until, text_of(e), encode_events(e), m) for m, e in answers.items() if e is not None]
+        logs = [(until, text_of(log), encode_log(log), m) for m, log in answers.items() if log is not None]
         leases = [(until, m) for m, e in answers.items() if e is None]
         with self.transaction() as db:
             if logs:
@@ -190,15 +193,15 @@ class SQLStore:
         ).fetchall()
         reaped = []
         for row in rows:
-            events = (self.lost_events and self.lost_events(row["id"])) or decode_events(row["events"]) or [
+            log = (self.lost_events and self.lost_events(row["id"])) or load_log(row["events"]) or [
                 {"type": "start", "conversation_id": row["conversation_id"], "message_id": row["id"],
                  "model": row["model"]},
             ]
-            events.append({"type": "error", "error": {"code": WORKER_LOST, "message": LOST_MESSAGE}})
+            log.append({"type": "error", "error": {"code": WORKER_LOST, "message": LOST_MESSAGE}})
             updated = db.execute(
                 "UPDATE messages SET status = 'interrupted', error_code = ?, content = ?, events = ?, finished_at = ?"
                 " WHERE id = ? AND status = 'streaming'",
-                (WORKER_LOST, text_of(events), encode_events(events), now, row["id"]),
+                (WORKER_LOST, text_of(log), encode_log(log), now, row["id"]),
             )
             if updated.rowcount:
                 reaped.append(row["id"])
