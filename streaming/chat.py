@@ -35,8 +35,16 @@ def chat_sse():
     last_event_id = request.headers.get("Last-Event-ID")
     if last_event_id:  # an empty id is what an EventSource sends when it saw no event
         return resume(last_event_id, retry_ms)
-    answer = begin_answer(chat_request())
+    answer = begin_answer(chat_request(), resumable=True)
     return streamed(answer, SSEFraming(answer.message_id, retry_ms))
+
+
+def no_content() -> Response:
+    """204, which tells an EventSource to stop reconnecting: no body, so no Content-Type either (a
+    client that checks it, as httpx-sse does, would find Flask's default `text/html`)."""
+    response = Response(status=204)
+    del response.headers["Content-Type"]
+    return response
 
 
 def resume(last_event_id: str, retry_ms: int) -> Response:
@@ -45,16 +53,16 @@ def resume(last_event_id: str, retry_ms: int) -> Response:
     ended one, or gets 204 (which tells EventSource to stop)."""
     message_id, _, seq = last_event_id.partition(":")
     if not (seq.isascii() and seq.isdigit()) or len(seq) > 18:
-        return Response(status=204)
+        return no_content()
     svc, offset = service(), int(seq) + 1
     answer = svc.live.get(message_id)
     if answer is not None and answer.context["key_id"] == g.key_id:
         if offset > answer.size() or (answer.ended and offset == answer.size()):  # nothing left, or
-            return Response(status=204)  # an id this answer has not sent
+            return no_content()  # an id this answer has not sent
         return streamed(answer, SSEFraming(message_id, retry_ms), offset)
     stored = svc.store.message(message_id, g.key_id)
     if stored is None:
-        return Response(status=204)
+        return no_content()
     framing = SSEFraming(message_id, retry_ms)
     if stored["status"] == "streaming":  # produced by another worker or host
         batches = svc.live_log.tail(message_id, g.key_id, offset, svc.settings.heartbeat_s)
@@ -62,7 +70,7 @@ def resume(last_event_id: str, retry_ms: int) -> Response:
         return streamed_bytes(body, framing, stored["conversation_id"], message_id)
     events = stored["events"][offset:]
     if not events:
-        return Response(status=204)
+        return no_content()
     headers = {**STREAM_HEADERS, "X-Conversation-Id": stored["conversation_id"], "X-Message-Id": message_id}
     return Response(framing.encode(events, offset), content_type=SSEFraming.media_type, headers=headers)
 

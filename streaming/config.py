@@ -27,7 +27,7 @@ class Settings:
     idle_timeout_s: float = 60.0
     max_stream_s: float = 600.0
     heartbeat_s: float = 15.0
-    resume_grace_s: float = 0.0
+    resume_grace_s: float | None = None  # unset: twice SSE_RETRY_MS, so that a blip resumes the answer
     sse_retry_ms: int = 3000
     max_prompt_chars: int = 32_000
     max_body_bytes: int = 1_000_000
@@ -44,6 +44,10 @@ class Settings:
     demo_fail_after: int | None = None
     demo_hang_after: int | None = None
     worker_class: str = "gevent"
+
+    def __post_init__(self) -> None:
+        if self.resume_grace_s is None:  # an EventSource waits `retry` before it reconnects
+            object.__setattr__(self, "resume_grace_s", 2 * self.sse_retry_ms / 1000)
 
     @classmethod
     def from_env(cls, environ: os._Environ | dict | None = None) -> Settings:

@@ -11,8 +11,9 @@ it (a timer for each wait was an eighth of the cost of a token).
 
 The reader owns time: it sends heartbeats, enforces the first-token, idle and total deadlines, and
 takes everything appended since its last write as one chunk, so writes coalesce by themselves when
-tokens outrun the socket. When the last reader leaves and `RESUME_GRACE_S` has passed, the answer
-is stopped: the reply is closed, which releases the upstream, and the producer ends.
+tokens outrun the socket. When the last reader leaves and the answer's grace has passed (for an
+SSE answer, `RESUME_GRACE_S`, time for an EventSource to reconnect; none for the others), the
+answer is stopped: the reply is closed, which releases the upstream, and the producer ends.
 """
 
 from __future__ import annotations
@@ -57,6 +58,7 @@ class Answer:
         settings: Settings,
         on_end: Callable[[Answer, Log], None] | None = None,
         context: dict | None = None,
+        resume_grace_s: float = 0.0,
     ) -> None:
         self.reply = reply
         self.message_id = message_id
@@ -64,6 +66,7 @@ class Answer:
         self.settings = settings
         self.on_end = on_end
         self.context = context or {}  # who asked, for logs and ownership; the engine ignores it
+        self.resume_grace_s = resume_grace_s  # how long it runs on without readers, for a reconnect
         self.heartbeats = 0
         self.saved = threading.Event()  # set once the producer has ended and the turn is saved
         self.started = time.monotonic()
@@ -213,8 +216,8 @@ class Answer:
             abandoned = self._readers == 0 and not self.ended
         if not abandoned:
             return
-        if self.settings.resume_grace_s > 0:
-            timer = threading.Timer(self.settings.resume_grace_s, self._stop_if_abandoned)
+        if self.resume_grace_s > 0:
+            timer = threading.Timer(self.resume_grace_s, self._stop_if_abandoned)
             timer.daemon = True
             timer.start()
         else:

@@ -121,7 +121,9 @@ def busy() -> ApiError:
     return ApiError(409, "conversation_busy", "an answer is still streaming in this conversation")
 
 
-def begin_answer(chat: ChatRequest) -> Answer:
+def begin_answer(chat: ChatRequest, resumable: bool = False) -> Answer:
+    """Start answering `chat`. A `resumable` answer (one whose client can come back for the rest:
+    SSE's `Last-Event-ID`) runs on for `RESUME_GRACE_S` after its last reader left."""
     svc, settings = service(), service().settings
     if 0 < settings.max_streams_per_worker <= len(svc.live):
         raise too_many(f"this worker is at its limit of {settings.max_streams_per_worker} streams")
@@ -158,6 +160,7 @@ def begin_answer(chat: ChatRequest) -> Answer:
         settings=settings,
         on_end=lambda answer, log: save_turn(svc, answer, log),
         context=context,
+        resume_grace_s=settings.resume_grace_s if resumable else 0.0,
     )
     svc.live[message_id] = answer
     svc.live_log.follow(answer)

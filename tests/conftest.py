@@ -74,6 +74,9 @@ def start_server(tmp_path: Path, worker_class: str, env: dict | None = None, db:
         "DEMO_TTFT_MS": "0",
         "DEMO_TOKENS_PER_S": "0",
         "GRACEFUL_TIMEOUT_S": "3",
+        # An SSE answer whose client left stops at once, as it did before the grace had a default;
+        # the tests of that default set it to "" (unset).
+        "RESUME_GRACE_S": "0",
         **(env or {}),
     }
     log = tmp_path / f"gunicorn-{worker_class}-{port}.log"

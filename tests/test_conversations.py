@@ -109,7 +109,9 @@ def test_last_event_id_replays_an_ended_answer(serve, worker_class):
     conversation = server.get(f"/conversations/{whole.events[0]['conversation_id']}").json()
     assert len(conversation["messages"]) == 2  # no second answer was generated
 
-    assert sse_reconnect(server.url, whole.ids[-1]).status_code == 204  # nothing after the end
+    nothing_after_the_end = sse_reconnect(server.url, whole.ids[-1])
+    assert nothing_after_the_end.status_code == 204
+    assert nothing_after_the_end.content == b"" and "Content-Type" not in nothing_after_the_end.headers
     assert sse_reconnect(server.url, "unknown:3").status_code == 204
     assert sse_reconnect(server.url, "garbage").status_code == 204
 
@@ -140,6 +142,19 @@ def test_last_event_id_replays_an_interrupted_answer(serve):
     wait_for(lambda: server.get("/healthz").json()["streams_in_flight"] == 0, what="the answer to stop")
     resumed = read_sse(server.url + "/chat/sse", method="GET", headers={"Last-Event-ID": got.ids[-1]})
     assert resumed.events[-1]["type"] == "error" and resumed.events[-1]["error"]["code"] == "interrupted"
+
+
+def test_a_quick_reconnect_gets_the_rest_of_the_live_answer_with_the_defaults(serve):
+    """A client that drops mid-answer and reconnects at once with `Last-Event-ID` (to either of two
+    workers) gets the rest of that answer, never a 204, and what it read is the saved answer."""
+    server = serve("gevent", WEB_CONCURRENCY=2, RESUME_GRACE_S="", DEMO_TOKENS=30, DEMO_TOKENS_PER_S=60)
+    for attempt in range(10):
+        first = read_sse(server.url + "/chat/sse", json_body={"prompt": f"blip {attempt}"},
+                         until=lambda got: len(got.of("delta")) >= 3)
+        rest = read_sse(server.url + "/chat/sse", method="GET", headers={"Last-Event-ID": first.ids[-1]})
+        assert rest.events[-1]["type"] == "done", rest.events[-1]
+        saved = server.get(f"/conversations/{first.events[0]['conversation_id']}").json()["messages"][-1]
+        assert (saved["status"], first.text + rest.text) == ("complete", saved["content"])
 
 
 def test_reconnect_within_the_grace_tails_the_live_answer(serve):
