@@ -5,7 +5,8 @@ commit, from `git worktree add`) to P1, P2 and P3, side by side in the same run;
 NAME=VALUE` sets a variable for that checkout only. `--postgres` adds the service on PostgreSQL
 (a cluster the bench starts, as the tests do) to P1 and P2, beside the embedded default, and
 `--redis` the service on PostgreSQL and Redis. `storm` and `stop` (not in the default set) are the
-reconnect storm and Stop between two hosts sharing PostgreSQL and Redis.
+reconnect storm and Stop between two hosts sharing PostgreSQL and Redis. `--soak [MINUTES]` runs
+the soak instead (bench/soak.py; 20 minutes by default) and plots it (docs/soak.png).
 """
 
 from __future__ import annotations
@@ -40,6 +41,9 @@ def main() -> None:
     parser.add_argument("--postgres", action="store_true", help="add the service on PostgreSQL to P1 and P2")
     parser.add_argument("--redis", action="store_true", help="add the service on PostgreSQL and Redis to P1 and P2")
     parser.add_argument("--chart", type=Path, help="where to write the P4 chart (default docs/performance.png)")
+    parser.add_argument("--soak", type=float, nargs="?", const=20.0, metavar="MINUTES",
+                        help="run the soak (20 minutes unless given) instead of the measures")
+    parser.add_argument("--soak-clients", type=int, default=500, help="the soak's clients (500)")
     parser.add_argument("--json", type=Path, help="write every row as JSON here")
     parser.add_argument("--markdown", action="store_true", help="print tables as Markdown")
     args = parser.parse_args()
@@ -61,6 +65,19 @@ def main() -> None:
                 env={"DATABASE_URL": url, "REDIS_URL": redis.url()})
     limit = server.raise_nofile()
     print(f"machine: {machine()}; open files: {limit}", flush=True)
+    if args.soak is not None:
+        from .soak import soak
+
+        chart = args.chart or server.ROOT / "docs" / "soak.png"
+        result = soak(args.soak, args.soak_clients, chart)
+        for title in ("summary", "workers", "minutes"):
+            print(f"\n## Soak: {title}\n\n{table(result[title], args.markdown)}", flush=True)
+        for line in result["inconsistent"]:
+            print("inconsistent:", line)
+        print(f"\nchart: {chart}")
+        if args.json:
+            args.json.write_text(json.dumps({"machine": machine(), "soak": result}, indent=1, default=str))
+        return
     results = {}
     for name in names:
         title, measure = MEASURES[name]

@@ -48,6 +48,17 @@ def _frame_kind(frame: bytes) -> str:
     return "delta" if has_text or b'"content": "' in data else "other"
 
 
+def sse_events(buffer: bytes) -> tuple[list[tuple[int, dict]], bytes]:
+    """(seq, event) of the service's whole SSE frames in `buffer`, and what is left of it."""
+    *frames, rest = buffer.split(b"\n\n")
+    events = []
+    for frame in frames:
+        fields = dict(line.split(": ", 1) for line in frame.decode().split("\n") if ": " in line)
+        if "data" in fields:
+            events.append((int(fields["id"].rsplit(":", 1)[1]), json.loads(fields["data"])))
+    return events, rest
+
+
 def _data(frame: bytes) -> dict:
     return json.loads(frame[frame.index(b"data: ") + 6 :].split(b"\n", 1)[0])
 

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import random
 import time
 from collections.abc import Iterator
@@ -23,6 +22,7 @@ import aiohttp
 
 from . import server as srv
 from .databases import PostgresCluster, RedisServer
+from .load import sse_events
 
 
 @dataclass
@@ -39,24 +39,13 @@ class Hop:
     error: str | None = None
 
 
-def _events(buffer: bytes) -> tuple[list[tuple[int, dict]], bytes]:
-    """(seq, event) of the whole frames in `buffer`, and what is left of it."""
-    *frames, rest = buffer.split(b"\n\n")
-    events = []
-    for frame in frames:
-        fields = dict(line.split(": ", 1) for line in frame.decode().split("\n") if ": " in line)
-        if "data" in fields:
-            events.append((int(fields["id"].rsplit(":", 1)[1]), json.loads(fields["data"])))
-    return events, rest
-
-
 async def hop(session: aiohttp.ClientSession, a: str, b: str, drop: asyncio.Event, spread_s: float,
               hop_: Hop) -> None:
     try:
         async with session.get(a + "/chat/sse?prompt=storm") as response:
             buffer = b""
             async for chunk in response.content.iter_any():
-                events, buffer = _events(buffer + chunk)
+                events, buffer = sse_events(buffer + chunk)
                 for seq, event in events:
                     hop_.last_seq = seq
                     if event["type"] == "start":
@@ -74,7 +63,7 @@ async def hop(session: aiohttp.ClientSession, a: str, b: str, drop: asyncio.Even
                 return
             buffer, previous = b"", hop_.last_seq
             async for chunk in response.content.iter_any():
-                events, buffer = _events(buffer + chunk)
+                events, buffer = sse_events(buffer + chunk)
                 for seq, event in events:
                     if hop_.resumed_after is None:
                         hop_.resumed_at = time.perf_counter()
@@ -162,7 +151,7 @@ async def _stop_one(session: aiohttp.ClientSession, a: str, b: str, spread_s: fl
         buffer, conversation_id, stop, asked = b"", None, None, 0.0
         ended, outcome = time.perf_counter(), "no end event"
         async for chunk in response.content.iter_any():
-            events, buffer = _events(buffer + chunk)
+            events, buffer = sse_events(buffer + chunk)
             for _, event in events:
                 if event["type"] == "start":
                     conversation_id = event["conversation_id"]
