@@ -127,6 +127,35 @@ def p1_cost(quick: bool, before: srv.Checkout | None = None) -> list[dict]:
     ]
 
 
+def request_cost(quick: bool, before: srv.Checkout | None = None) -> list[dict]:
+    """Server CPU milliseconds per request: 2,000 one-token answers, 50 at a time (a burst of
+    reconnecting browsers pays this for every one of them)."""
+    env = srv.pace_env(1, 0)
+    requests, rounds = (400, 1) if quick else (2000, 3)
+    starters = _contenders(env, before)
+    costs: dict[str, list[float]] = {name: [] for name in starters}
+    runs: dict[str, Run] = {}
+    for _ in range(rounds):
+        for name, start in starters.items():
+            with start() as server:
+                load(server, SSE, 100, 50)  # warm up
+                run = runs[name] = load(server, SSE, requests, 50)
+                costs[name].append(run.cpu_s / max(run.completed, 1) * 1000)
+    base = pct(costs["naive flask (gevent)"], 0.5)
+    return [
+        {
+            "server": name,
+            "requests": len(run.streams),
+            "complete": run.completed,
+            "CPU ms / request": pct(costs[name], 0.5),
+            "all rounds": " ".join(f"{c:.2f}" for c in costs[name]),
+            "x naive flask": pct(costs[name], 0.5) / base,
+            "errors": run.errors(),
+        }
+        for name, run in runs.items()
+    ]
+
+
 # -- P2 -----------------------------------------------------------------------------------------
 
 
@@ -238,6 +267,7 @@ from .storm import p_stop, p_storm  # noqa: E402
 
 MEASURES = {
     "p1": ("P1 cost per token", p1_cost),
+    "request": ("Cost per request: one-token answers, 50 at a time", request_cost),
     "p2": ("P2 concurrency, one gevent worker", p2_concurrency),
     "p4": ("P4 worker classes", p4_contrast),
     "p3": ("P3 relay overhead", p3_relay),
