@@ -98,19 +98,27 @@ def _contenders(env: dict[str, str], before: srv.Checkout | None) -> dict[str, C
 # -- P1 -----------------------------------------------------------------------------------------
 
 
-def p1_cost(quick: bool, before: srv.Checkout | None = None) -> list[dict]:
-    """Server CPU seconds per million tokens: 2,000-token answers at full speed, 8 at a time."""
-    env = srv.pace_env(2000, 0)
-    requests, rounds = (16, 1) if quick else (40, 3)
+def _cpu_rounds(env: dict[str, str], before: srv.Checkout | None, warm_up: int, requests: int, concurrency: int,
+                rounds: int, cost: Callable[[Run], float]) -> tuple[dict[str, Run], dict[str, list[float]]]:
+    """Every contender's last run and its `cost` in each round, after `warm_up` streams; rounds
+    interleave the servers, so that noise hits them alike."""
     starters = _contenders(env, before)
     costs: dict[str, list[float]] = {name: [] for name in starters}
     runs: dict[str, Run] = {}
-    for _ in range(rounds):  # rounds interleave the servers, so that noise hits them alike
+    for _ in range(rounds):
         for name, start in starters.items():
             with start() as server:
-                load(server, SSE, 8, 8)  # warm up
-                run = runs[name] = load(server, SSE, requests, 8)
-                costs[name].append(run.cpu_s / max(run.tokens, 1) * 1e6)
+                load(server, SSE, warm_up, concurrency)
+                run = runs[name] = load(server, SSE, requests, concurrency)
+                costs[name].append(cost(run))
+    return runs, costs
+
+
+def p1_cost(quick: bool, before: srv.Checkout | None = None) -> list[dict]:
+    """Server CPU seconds per million tokens: 2,000-token answers at full speed, 8 at a time."""
+    requests, rounds = (16, 1) if quick else (40, 3)
+    runs, costs = _cpu_rounds(srv.pace_env(2000, 0), before, 8, requests, 8, rounds,
+                              lambda run: run.cpu_s / max(run.tokens, 1) * 1e6)
     base = pct(costs["fastapi baseline"], 0.5)
     return [
         {
@@ -130,17 +138,9 @@ def p1_cost(quick: bool, before: srv.Checkout | None = None) -> list[dict]:
 def request_cost(quick: bool, before: srv.Checkout | None = None) -> list[dict]:
     """Server CPU milliseconds per request: 2,000 one-token answers, 50 at a time (a burst of
     reconnecting browsers pays this for every one of them)."""
-    env = srv.pace_env(1, 0)
     requests, rounds = (400, 1) if quick else (2000, 3)
-    starters = _contenders(env, before)
-    costs: dict[str, list[float]] = {name: [] for name in starters}
-    runs: dict[str, Run] = {}
-    for _ in range(rounds):
-        for name, start in starters.items():
-            with start() as server:
-                load(server, SSE, 100, 50)  # warm up
-                run = runs[name] = load(server, SSE, requests, 50)
-                costs[name].append(run.cpu_s / max(run.completed, 1) * 1000)
+    runs, costs = _cpu_rounds(srv.pace_env(1, 0), before, 100, requests, 50, rounds,
+                              lambda run: run.cpu_s / max(run.completed, 1) * 1000)
     base = pct(costs["naive flask (gevent)"], 0.5)
     return [
         {

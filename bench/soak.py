@@ -214,8 +214,8 @@ async def check_conversations(url: str, records: list[Record]) -> tuple[int, int
                 await asyncio.sleep(0.5)
             if any(m["status"] == "streaming" for m in answers):
                 streaming += 1
+            saved = answers[-1] if answers else None
             for text, whole in wanted[conversation_id]:
-                saved = answers[-1] if answers else None
                 if saved is None:
                     bad.append(f"{conversation_id}: no answer saved")
                 elif whole and (saved["status"], saved["content"]) != ("complete", text):
