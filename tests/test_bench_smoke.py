@@ -66,16 +66,15 @@ def test_the_reconnect_storm_resumes_every_stream(postgres, redis_server):
     assert all(h.text_a and h.text_b for h in hops)  # each read part of its answer on each host
 
 
-def test_a_short_soak_keeps_every_conversation(tmp_path):
+def test_a_short_soak_keeps_every_conversation():
     """A minute of the soak's mixed load (bench/soak.py) on two workers: no 5xx, every bad request
     a 4xx, no stream error, and every conversation saved as its clients read it."""
     from bench.soak import soak
 
-    result = soak(1, clients=40, chart=tmp_path / "soak.png")
+    result = soak(1, clients=40)  # no chart: matplotlib is a benchmark dependency, not a test one
     summary = result["summary"][0]
     assert all(result["kinds"].values()), result["kinds"]  # every kind of request ran
     assert (summary["5xx"], summary["bad requests not 4xx"], summary["stream errors"]) == (0, 0, "-")
     assert (summary["left streaming"], summary["inconsistent"]) == (0, 0), result["inconsistent"]
     assert summary["conversations checked"] > 0
     assert len(result["workers"]) == 2 and all(w["samples"] > 1 for w in result["workers"])
-    assert (tmp_path / "soak.png").stat().st_size > 0
