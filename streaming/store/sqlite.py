@@ -9,10 +9,18 @@ transaction here lasts a fraction of a millisecond, and under gevent SQLite bloc
 worker anyway. Opening and closing a connection per operation cost far more: closing the last
 connection checkpoints the log every time. Commits do not wait for the disk
 (`synchronous = NORMAL`, safe in WAL mode: a crash of the process loses nothing, a power cut at
-most the last turns, and the file is never corrupted). The log is copied into the database file
-by a checkpoint every second, in a real thread, instead of by whichever commit crosses 1,000
-pages (SQLite's default): that commit took milliseconds, in the middle of a request, and under
-gevent it stalled every stream of the worker meanwhile. See docs/performance.md for the figures.
+most the last turns, and the file is never corrupted).
+
+The log is copied into the database file by a checkpoint in a real thread, instead of by
+whichever commit crosses 1,000 pages (SQLite's default): that commit took milliseconds, in the
+middle of a request, and under gevent it stalled every stream of the worker meanwhile. Copying
+is not enough under a steady load: the log starts again from its beginning only once a
+checkpoint has copied all of it, which never happens while every millisecond brings a commit,
+so the log grew without end (300 MB after 6,000 one-token answers), and every transaction got
+slower as it grew. Past `RESTART_FRAMES` the checkpoint restarts the log, holding off writers
+for the moment it takes; a writer waits for that (or for another worker's transaction) by
+sleeping, which under gevent lets the worker's other requests and streams run, instead of in
+SQLite's busy handler, which would stall them all. See docs/performance.md for the figures.
 """
 
 from __future__ import annotations
@@ -89,7 +97,10 @@ SCHEMA = [
 
 class SQLiteStore(SQLStore):
     name = "sqlite"
-    CHECKPOINT_S = 1.0
+    CHECKPOINT_S = 0.1  # how often the log is looked at (a fraction of a millisecond when idle)
+    RESTART_FRAMES = 1000  # pages in the log past which it is restarted (4 MB at SQLite's page size)
+    BUSY_TIMEOUT_S = 10.0  # how long a transaction waits for the database before it is refused
+    RESTART_WAIT_S = 0.1  # how long a restart waits for a writer or a reader (then: the next time)
 
     def __init__(self, path: str, settings: Settings) -> None:
         super().__init__(settings)
@@ -119,7 +130,7 @@ class SQLiteStore(SQLStore):
         with self._lock:
             try:
                 db = self._connection()
-                db.execute("BEGIN IMMEDIATE")
+                self._begin(db)
             except sqlite3.OperationalError as exc:
                 raise self.failures.failed("BEGIN", exc) from None
             try:
@@ -132,9 +143,24 @@ class SQLiteStore(SQLStore):
                     raise self.failures.failed("a transaction", exc) from None
                 raise
 
+    def _begin(self, db: sqlite3.Connection) -> None:
+        """Take the database's write lock, sleeping while another holds it (see the module's doc)."""
+        deadline, pause = time.monotonic() + self.BUSY_TIMEOUT_S, 0.0005
+        while True:
+            try:
+                db.execute("BEGIN IMMEDIATE")
+                return
+            except sqlite3.OperationalError as exc:
+                if exc.sqlite_errorcode != sqlite3.SQLITE_BUSY or time.monotonic() > deadline:
+                    raise
+            time.sleep(pause)
+            pause = min(pause * 2, 0.02)
+
     def _connection(self) -> sqlite3.Connection:
         if self._pid != os.getpid():  # opened lazily, and again in a forked child
-            self._db = sqlite3.connect(self.path, timeout=10, isolation_level=None, check_same_thread=False)
+            # No busy timeout: `_begin` waits instead, the only statement that waits for a lock
+            # in WAL mode.
+            self._db = sqlite3.connect(self.path, timeout=0, isolation_level=None, check_same_thread=False)
             self._db.row_factory = sqlite3.Row
             self._db.execute("PRAGMA foreign_keys = ON")
             self._db.execute("PRAGMA synchronous = NORMAL")
@@ -145,12 +171,21 @@ class SQLiteStore(SQLStore):
 
     def checkpoints(self) -> None:
         """Copy the log into the database file every `CHECKPOINT_S`, for as long as the process
-        lives. PASSIVE never waits for, nor blocks, the workers' reads and writes."""
-        db = sqlite3.connect(self.path, timeout=10, isolation_level=None, check_same_thread=False)
+        lives, and restart it once it is long. PASSIVE never waits for, nor blocks, the workers'
+        reads and writes; RESTART waits for the writer of the moment, then holds off the others
+        while it copies what is left, waits for the readers of the old log (a reader holding a
+        transaction open, say in the `sqlite3` shell, makes it give up) and starts the log again."""
+        db = sqlite3.connect(self.path, timeout=self.RESTART_WAIT_S, isolation_level=None, check_same_thread=False)
+
+        def checkpoint() -> None:
+            _, frames, _ = db.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
+            if frames > self.RESTART_FRAMES:
+                db.execute("PRAGMA wal_checkpoint(RESTART)").fetchone()
+
         while True:
             time.sleep(self.CHECKPOINT_S)
             try:
-                in_real_thread(db.execute, "PRAGMA wal_checkpoint(PASSIVE)")
+                in_real_thread(checkpoint)
             except sqlite3.Error as exc:
                 self.failures.failed("checkpointing the log", exc)
 
