@@ -90,7 +90,11 @@ class Answer:
     # -- the producer ---------------------------------------------------------------------
 
     def start(self) -> Answer:
+        """Start the producer and give it a first turn before the first read (`sleep(0)`: one
+        round of the gevent hub; a switch of threads otherwise), so that what the model has
+        ready at once goes out with the first write instead of after it."""
         start_thread(self._produce, f"answer-{self.message_id}")
+        time.sleep(0)
         return self
 
     def _produce(self) -> None:

@@ -177,15 +177,15 @@ class SQLiteStore(SQLStore):
         transaction open, say in the `sqlite3` shell, makes it give up) and starts the log again."""
         db = sqlite3.connect(self.path, timeout=self.RESTART_WAIT_S, isolation_level=None, check_same_thread=False)
 
-        def checkpoint() -> None:
-            _, frames, _ = db.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
-            if frames > self.RESTART_FRAMES:
-                db.execute("PRAGMA wal_checkpoint(RESTART)").fetchone()
+        def checkpoint(mode: str) -> int:
+            return db.execute(f"PRAGMA wal_checkpoint({mode})").fetchone()[1]  # the pages in the log
 
         while True:
             time.sleep(self.CHECKPOINT_S)
             try:
-                in_real_thread(checkpoint)
+                if in_real_thread(checkpoint, "PASSIVE") > self.RESTART_FRAMES:
+                    with self._lock:  # this process's transactions wait their turn, not race it for the lock
+                        in_real_thread(checkpoint, "RESTART")
             except sqlite3.Error as exc:
                 self.failures.failed("checkpointing the log", exc)
 
