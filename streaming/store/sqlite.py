@@ -34,7 +34,7 @@ from contextlib import contextmanager
 
 from ..config import Settings
 from ..threads import in_real_thread, start_thread
-from . import FailureLog
+from . import FailureLog, StoreUnavailable
 from .sql import SQLStore
 
 SCHEMA = [
@@ -95,6 +95,14 @@ SCHEMA = [
 ]
 
 
+class _Group:
+    """Transactions committed together: set `done` once committed, or failed with `error`."""
+
+    def __init__(self) -> None:
+        self.done = threading.Event()
+        self.error: Exception | None = None
+
+
 class SQLiteStore(SQLStore):
     name = "sqlite"
     CHECKPOINT_S = 0.1  # how often the log is looked at (a fraction of a millisecond when idle)
@@ -108,6 +116,7 @@ class SQLiteStore(SQLStore):
         self.migrate()
         self.failures = FailureLog()
         self._lock = threading.Lock()
+        self._group: _Group | None = None  # the transaction open for the turns that come together
         self._db: sqlite3.Connection | None = None
         self._pid = 0
 
@@ -126,22 +135,59 @@ class SQLiteStore(SQLStore):
     @contextmanager
     def transaction(self) -> Iterator[sqlite3.Connection]:
         """The process's connection for one short transaction, committed on success. A full disk,
-        a read-only file or a lock held too long is StoreUnavailable."""
-        with self._lock:
-            try:
+        a read-only file or a lock held too long is StoreUnavailable.
+
+        Transactions that come together are committed together (group commit): the first one
+        begins, gives the others that are ready a turn (`sleep(0)`: one round of the gevent hub)
+        and commits them all with its own. Each runs in a savepoint of its own, so one that fails
+        undoes only itself, and each returns once the commit it is in has happened. A commit's
+        cost is mostly the pages it writes to the log, and the turns that begin together share
+        theirs (see docs/performance.md)."""
+        leader = False
+        try:
+            with self._lock:
                 db = self._connection()
-                self._begin(db)
-            except sqlite3.OperationalError as exc:
-                raise self.failures.failed("BEGIN", exc) from None
-            try:
-                yield db
-                db.execute("COMMIT")
-            except BaseException as exc:
-                if db.in_transaction:
-                    db.execute("ROLLBACK")
-                if isinstance(exc, sqlite3.OperationalError):
-                    raise self.failures.failed("a transaction", exc) from None
-                raise
+                group = self._group
+                if group is None:
+                    try:
+                        self._begin(db)
+                    except sqlite3.OperationalError as exc:
+                        raise self.failures.failed("BEGIN", exc) from None
+                    group = self._group = _Group()
+                    leader = True
+                db.execute("SAVEPOINT one")
+                try:
+                    yield db
+                    db.execute("RELEASE one")
+                except BaseException as exc:
+                    failure = self.failures.failed("a transaction", exc) if isinstance(exc, sqlite3.Error) else None
+                    if db.in_transaction:
+                        db.execute("ROLLBACK TO one")
+                        db.execute("RELEASE one")
+                    else:  # SQLite rolled the whole transaction back (a full disk, say): all of it failed
+                        group.error, self._group = failure, None
+                    if failure is not None:
+                        raise failure from None
+                    raise
+        finally:
+            if leader:
+                self._commit(group)
+        group.done.wait()
+        if group.error is not None:
+            raise StoreUnavailable(str(group.error))
+
+    def _commit(self, group: _Group) -> None:
+        time.sleep(0)  # the others that are ready join the group
+        with self._lock:
+            if self._group is group:
+                self._group = None
+                try:
+                    self._db.execute("COMMIT")
+                except sqlite3.OperationalError as exc:
+                    if self._db.in_transaction:
+                        self._db.execute("ROLLBACK")
+                    group.error = self.failures.failed("COMMIT", exc)
+            group.done.set()
 
     def _begin(self, db: sqlite3.Connection) -> None:
         """Take the database's write lock, sleeping while another holds it (see the module's doc)."""
@@ -185,7 +231,8 @@ class SQLiteStore(SQLStore):
             try:
                 if in_real_thread(checkpoint, "PASSIVE") > self.RESTART_FRAMES:
                     with self._lock:  # this process's transactions wait their turn, not race it for the lock
-                        in_real_thread(checkpoint, "RESTART")
+                        if self._group is None:  # (one open now holds the lock the restart needs)
+                            in_real_thread(checkpoint, "RESTART")
             except sqlite3.Error as exc:
                 self.failures.failed("checkpointing the log", exc)
 
