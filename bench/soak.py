@@ -199,10 +199,13 @@ async def check_conversations(url: str, records: list[Record]) -> tuple[int, int
     for record in records:
         for conversation_id, text in record.answers.items():
             wanted.setdefault(conversation_id, []).append((text, record.whole and record.error is None))
-    connector = aiohttp.TCPConnector(limit=50)
-    streaming, bad = 0, []
-    async with aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=60)) as session:
+    streaming, bad, at_once = 0, [], asyncio.Semaphore(50)
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=60)) as session:
         async def check(conversation_id: str) -> None:
+            async with at_once:  # the timeout counts from the request, not from a wait for a connection
+                await check_one(conversation_id)
+
+        async def check_one(conversation_id: str) -> None:
             nonlocal streaming
             deadline = time.monotonic() + 60  # an abandoned answer runs on for RESUME_GRACE_S
             while True:
