@@ -90,6 +90,9 @@ def post_worker_init(worker):
         service.shut_down(wait_s=1)
 
     def on_sigterm(signum, frame):
+        # A response that ends from now on closes its connection: kept alive, it would hold the
+        # worker for `keepalive` more seconds, past the graceful timeout when a stream ends late.
+        worker.cfg.set("keepalive", 0)
         if worker_class == "gevent":  # the handler runs in the event loop: it must not block
             import gevent
 
