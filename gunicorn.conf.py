@@ -8,6 +8,7 @@ the OpenAI SDK and httpx2, which gevent must patch first, are imported only in t
 
 import os
 import shutil
+import sys
 import tempfile
 
 # Prometheus multiprocess mode: every worker writes its samples to one fresh directory, which
@@ -21,7 +22,7 @@ from streaming.config import Settings  # noqa: E402
 
 settings = Settings.from_env()
 
-bind = [f"{os.environ.get('HOST', '0.0.0.0')}:{os.environ.get('PORT', '8000')}"]
+bind = [settings.bind]
 worker_class = settings.worker_class
 workers = int(os.environ.get("WEB_CONCURRENCY", "2"))
 # gunicorn turns `sync` into gthread when threads > 1, so only gthread gets more than one.
@@ -43,14 +44,37 @@ limit_request_line = 8190
 # Off unless ACCESS_LOG names a file ("-" for stdout): each stream's JSON line says more, the
 # host's router logs every request anyway, and the access line cost a tenth of a request's CPU.
 accesslog = os.environ.get("ACCESS_LOG") or None
+# gunicorn's control socket defaults to one path per user ($XDG_RUNTIME_DIR/gunicorn.ctl), which
+# every instance on the machine would share: off unless CONTROL_SOCKET names one.
+control_socket_disable = not settings.control_socket
+if settings.control_socket:
+    control_socket = settings.control_socket
 
 
 def on_starting(server):
-    """Samples left by an earlier run would be counted again: start from an empty directory."""
+    """Refuse to start open to the network with a real model (see `Settings.refusal`), on the
+    addresses gunicorn will really bind (`--bind` may have replaced `bind`). Then empty the
+    metrics directory: samples left by an earlier run would be counted again."""
+    refusal = settings.refusal(network_hosts(server))
+    if refusal:
+        server.log.error(refusal)
+        on_exit(server)
+        sys.exit(1)
     directory = os.environ["PROMETHEUS_MULTIPROC_DIR"]
     os.makedirs(directory, exist_ok=True)
     for name in os.listdir(directory):
         os.remove(os.path.join(directory, name))
+
+
+def network_hosts(server) -> list[str]:
+    """The hosts of the TCP addresses gunicorn binds (a unix socket is reachable only here)."""
+    return [address[0] for address in server.cfg.address if isinstance(address, tuple)]
+
+
+def when_ready(server):
+    where = ", ".join(str(listener) for listener in server.LISTENERS)
+    access = settings.access(network_hosts(server))
+    server.log.info("streaming: listening on %s, %s; LLM_PROVIDER=%s", where, access, settings.llm_provider)
 
 
 def on_exit(server):

@@ -263,6 +263,7 @@ def p4_contrast(quick: bool, before: srv.Checkout | None = None) -> list[dict]:
     return rows
 
 
+from .slow_clients import slow_clients  # noqa: E402
 from .storm import p_stop, p_storm  # noqa: E402
 
 MEASURES = {
@@ -274,4 +275,5 @@ MEASURES = {
     "p2-10k": ("P2 10,000 streams", p2_ten_thousand),
     "storm": ("Reconnect storm, host A to host B (PostgreSQL + Redis)", p_storm),
     "stop": ("Stop across hosts, sent to B for answers on A (PostgreSQL + Redis)", p_stop),
+    "slow": ("Slow clients: normal requests while connections drip their headers", slow_clients),
 }

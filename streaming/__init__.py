@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 
-from flask import Flask, jsonify
+from flask import Flask, g, jsonify
 
 from . import auth, batch, chat, conversations, errors, limits, metrics, openai_api, ui
 from .config import Settings
@@ -31,7 +31,7 @@ def create_app(settings: Settings | None = None) -> Flask:
         settings=settings, provider=load_provider(settings), store=store, live_log=open_live_log(settings, store)
     )
     errors.init_app(app)
-    auth.init_app(app, settings.api_keys)
+    auth.init_app(app, settings.api_keys, settings.metrics_key)
     limits.init_app(app, settings)
     metrics.init_app(app)
     app.register_blueprint(chat.bp)
@@ -52,16 +52,17 @@ def create_app(settings: Settings | None = None) -> Flask:
             svc.store.check(svc.worker)
         except StoreUnavailable as exc:
             store.update(reachable=False, writable=False, error=str(exc))
-        response = jsonify(
-            status="ok" if store["writable"] else "unavailable",
-            auth=app.config["AUTH"],
-            provider=svc.provider.name,
-            model=svc.provider.default_model,
-            store=store,
-            **svc.live_log.check(),
-            worker_class=settings.worker_class,
-            streams_in_flight=len(svc.live),
-        )
-        return response, 200 if store["writable"] else 503
+        details = {}
+        if g.may_inspect:  # not to anyone, with API_KEYS set: only whether it is alive and wants keys
+            details = dict(
+                provider=svc.provider.name,
+                model=svc.provider.default_model,
+                store=store,
+                **svc.live_log.check(),
+                worker_class=settings.worker_class,
+                streams_in_flight=len(svc.live),
+            )
+        status = "ok" if store["writable"] else "unavailable"
+        return jsonify(status=status, auth=app.config["AUTH"], **details), 200 if store["writable"] else 503
 
     return app

@@ -17,7 +17,7 @@ from flask import Blueprint, Response, request, stream_with_context
 from . import metrics
 from .engine import INTERRUPTED, Answer, peer_closed, tail_events
 from .errors import ApiError
-from .params import ChatRequest, invalid, number_field, parse_chat_request, request_fields
+from .params import ChatRequest, invalid, number_field, parse_chat_request, request_fields, required_prompt
 from .providers.base import ProviderError
 from .turns import STREAM_HEADERS, begin_answer, service
 from .wire import NDJSONFraming
@@ -40,6 +40,11 @@ def batch():
         raise invalid("each batch item starts its own conversation: 'conversation_id' is not allowed")
     if "prompt" in fields:
         raise invalid("a batch takes its prompts as 'prompts': 'prompt' is not allowed")
+    for index, prompt in enumerate(prompts):  # the fields the items share are checked below, once for all
+        try:
+            required_prompt({"prompt": prompt}, settings.max_prompt_chars)
+        except ApiError as exc:
+            raise invalid(f"prompts[{index}]: {exc.message}") from None
     chats = [parse_chat_request({**fields, "prompt": p}, settings.max_prompt_chars) for p in prompts]
     sock = request.environ.get("gunicorn.socket")
     body = stream_with_context(

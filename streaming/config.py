@@ -6,6 +6,7 @@ the master process without importing anything that gevent must patch first.
 
 from __future__ import annotations
 
+import ipaddress
 import os
 from dataclasses import dataclass, fields
 
@@ -35,6 +36,11 @@ class Settings:
     max_batch: int = 16
     max_batch_concurrency: int = 8
     api_keys: str = ""  # comma-separated; empty: open, for local use
+    metrics_key: str = ""  # a key for /metrics alone (any API key also reads it)
+    allow_open: int = 0  # 1: a real model may serve beyond loopback with no API_KEYS
+    host: str = ""  # unset: loopback, or every interface on a platform (PORT set)
+    port: int = 0  # set by the platform (Heroku); unset: 8000
+    control_socket: str = ""  # gunicorn's control socket, off unless this names a path
     max_streams_per_key: int = 32  # 0: no limit (nor its count, a read of every streaming row)
     max_streams_per_worker: int = 1000  # 0: no limit
     graceful_timeout_s: float = 30.0
@@ -48,6 +54,33 @@ class Settings:
     def __post_init__(self) -> None:
         if self.resume_grace_s is None:  # an EventSource waits `retry` before it reconnects
             object.__setattr__(self, "resume_grace_s", 2 * self.sse_retry_ms / 1000)
+
+    @property
+    def bind(self) -> str:
+        """gunicorn's `bind`. A platform sets PORT and routes to every interface; a run without
+        it is someone's own machine, where only this machine should reach the service."""
+        host = self.host or ("0.0.0.0" if self.port else "127.0.0.1")
+        if ":" in host and not host.startswith("["):  # an IPv6 address
+            host = f"[{host}]"
+        return f"{host}:{self.port or 8000}"
+
+    def access(self, hosts: list[str]) -> str:
+        """Who may use the service listening on `hosts`, for the start-up log."""
+        if self.api_keys.strip():
+            return "API keys required"
+        if all(is_loopback(host) for host in hosts):
+            return "open to this machine only (no API_KEYS)"
+        return "open to anyone who reaches it (no API_KEYS)"
+
+    def refusal(self, hosts: list[str]) -> str | None:
+        """Why the service must not start listening on `hosts`, or None: a real model with no
+        API_KEYS beyond loopback lets anyone who reaches the port spend its key."""
+        exposed = [host for host in hosts if not is_loopback(host)]
+        if self.llm_provider == "demo" or self.api_keys.strip() or self.allow_open or not exposed:
+            return None
+        return (f"refusing to start: LLM_PROVIDER={self.llm_provider} with no API_KEYS would be open to anyone who"
+                f" reaches {', '.join(exposed)}; set API_KEYS, listen on loopback (HOST=127.0.0.1),"
+                " or set ALLOW_OPEN=1 if it is meant to be open")
 
     @classmethod
     def from_env(cls, environ: os._Environ | dict | None = None) -> Settings:
@@ -64,3 +97,15 @@ class Settings:
             except ValueError:
                 raise ValueError(f"{field.name.upper()} must be a {kind}, not {raw!r}") from None
         return cls(**values)
+
+
+def is_loopback(host: str) -> bool:
+    """Whether only this machine can reach `host`. A name other than localhost may resolve to
+    anything, so it counts as reachable from outside."""
+    host = host.strip("[]")
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False

@@ -178,7 +178,7 @@ class Answer:
         return {
             "type": "done",
             "finish_reason": self.finish_reason or "stop",
-            "usage": usage,
+            "usage": {**usage, "total_tokens": usage["prompt_tokens"] + usage["completion_tokens"]},  # as OpenAI's
             "ttft_ms": self.ttft_ms,
             "duration_ms": self.duration_ms,
         }

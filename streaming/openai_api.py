@@ -251,7 +251,7 @@ def completion(answer: Answer, created: int) -> Response:
         created=created,
         model=events[0]["model"],
         choices=[{"index": 0, "message": message, "logprobs": None, "finish_reason": end["finish_reason"]}],
-        usage=OpenAIFraming.usage(end["usage"]),
+        usage=end["usage"],
     )
     response.headers.update({"X-Conversation-Id": answer.conversation_id, "X-Message-Id": answer.message_id})
     return response

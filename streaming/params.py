@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from flask import Request
 from gunicorn.http.errors import ParseException
 from werkzeug.datastructures import MultiDict
+from werkzeug.exceptions import RequestEntityTooLarge
 
 from .errors import ApiError
 
@@ -43,6 +44,7 @@ def request_fields(request: Request) -> dict | MultiDict:
     if request.method == "GET":
         return request.args
     try:
+        too_large(request)
         body = request.get_json(silent=True)
     except RecursionError:  # `silent` covers ValueError only; a deeply nested body is bad input too
         body = None
@@ -51,6 +53,17 @@ def request_fields(request: Request) -> dict | MultiDict:
     if not isinstance(body, dict):
         raise invalid("the body must be a JSON object (Content-Type: application/json)")
     return body
+
+
+def too_large(request: Request) -> None:
+    """A chunked body (no Content-Length) over MAX_CONTENT_LENGTH is a 413, as one that declares
+    its length is. Werkzeug stops reading it at the limit and hands on what it read, cut short:
+    one byte more from the server's stream tells the two apart."""
+    if request.content_length is not None or request.max_content_length is None:
+        return
+    request.get_data(cache=True)  # what get_json() then parses
+    if getattr(request.stream, "is_exhausted", False) and request.environ["wsgi.input"].read(1):
+        raise RequestEntityTooLarge()
 
 
 def text_field(fields: dict | MultiDict, name: str, max_chars: int | None = None) -> str | None:
@@ -89,16 +102,20 @@ def number_field(fields: dict | MultiDict, name: str, kind: type, low: float, hi
     return kind(value)
 
 
+def required_prompt(fields: dict | MultiDict, max_prompt_chars: int) -> str:
+    prompt = text_field(fields, "prompt", max_prompt_chars)
+    if not prompt:
+        raise invalid("'prompt' is required and must not be empty")
+    return prompt
+
+
 def parse_chat_request(fields: dict | MultiDict, max_prompt_chars: int) -> ChatRequest:
     """The checked request, from `request_fields()`."""
     unknown = sorted(set(fields) - (set(ChatRequest.__dataclass_fields__) - {"history"}))  # history: /v1's own
     if unknown:
         raise invalid(f"unknown field(s): {', '.join(unknown)}")
-    prompt = text_field(fields, "prompt", max_prompt_chars)
-    if not prompt:
-        raise invalid("'prompt' is required and must not be empty")
     return ChatRequest(
-        prompt=prompt,
+        prompt=required_prompt(fields, max_prompt_chars),
         conversation_id=text_field(fields, "conversation_id", 64),
         model=text_field(fields, "model", 200),
         system=text_field(fields, "system", max_prompt_chars),

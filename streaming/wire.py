@@ -10,8 +10,26 @@ from __future__ import annotations
 import json
 from typing import Protocol
 
-_json = json.JSONEncoder(ensure_ascii=False, separators=(",", ":")).encode
-_string = json.encoder.encode_basestring  # a str as a JSON string, exactly as `_json` writes it
+_encode = json.JSONEncoder(ensure_ascii=False, separators=(",", ":")).encode
+_encode_string = json.encoder.encode_basestring  # a str as a JSON string, exactly as `_encode` writes it
+# Line separators that JSON may hold raw but that `str.splitlines()` breaks lines at: a client
+# splitting NDJSON that way would cut an object in two. Escaped, they are the same JSON.
+_SEPARATORS = {0x2028: "\\u2028", 0x2029: "\\u2029", 0x85: "\\u0085"}
+
+
+def _escape_separators(text: str) -> str:
+    if "\u2028" in text or "\u2029" in text or "\x85" in text:  # rare: scanning costs less than translate
+        return text.translate(_SEPARATORS)
+    return text
+
+
+def _json(value: object) -> str:
+    return _escape_separators(_encode(value))
+
+
+def _string(text: str) -> str:
+    """A str as a JSON string, exactly as `_json` writes it."""
+    return _escape_separators(_encode_string(text))
 
 
 def event_json(event: dict) -> str:
@@ -130,11 +148,6 @@ class OpenAIFraming:
         self._meta: dict = {}
         self._head = self._tail = ""
 
-    @staticmethod
-    def usage(usage: dict) -> dict:
-        """OpenAI's usage object, from a `done` event's."""
-        return {**usage, "total_tokens": usage["prompt_tokens"] + usage["completion_tokens"]}
-
     def _chunk(self, delta: str, finish_reason: str = "null") -> str:
         return f'{self._head}{delta},"logprobs":null,"finish_reason":{finish_reason}{self._tail}'
 
@@ -159,8 +172,7 @@ class OpenAIFraming:
             elif kind == "done":
                 out.append(self._chunk("{}", _json(event["finish_reason"])))
                 if self.include_usage:
-                    usage = self.usage(event["usage"])
-                    out.append(f"data: {_json({**self._meta, 'choices': [], 'usage': usage})}\n\n")
+                    out.append(f"data: {_json({**self._meta, 'choices': [], 'usage': event['usage']})}\n\n")
                 out.append("data: [DONE]\n\n")
             elif kind == "error":
                 error = event["error"]

@@ -81,7 +81,7 @@ def start_server(tmp_path: Path, worker_class: str, env: dict | None = None, db:
     }
     log = tmp_path / f"gunicorn-{worker_class}-{port}.log"
     process = subprocess.Popen(
-        [sys.executable, "-m", "gunicorn", "-c", "gunicorn.conf.py", "--no-control-socket", "app:app"],
+        [sys.executable, "-m", "gunicorn", "-c", "gunicorn.conf.py", "app:app"],
         cwd=ROOT,
         env=full_env,
         stdout=log.open("wb"),

@@ -78,3 +78,16 @@ def test_a_short_soak_keeps_every_conversation():
     assert (summary["left streaming"], summary["inconsistent"]) == (0, 0), result["inconsistent"]
     assert summary["conversations checked"] > 0
     assert len(result["workers"]) == 2 and all(w["samples"] > 1 for w in result["workers"])
+
+
+def test_slow_clients_drip_while_normal_requests_are_timed():
+    """The slow-clients measure at a small scale, on gevent, which reads each request apart."""
+    import asyncio
+
+    from bench.slow_clients import _measure
+
+    with srv.service("gevent", 1, srv.pace_env(5, 0)) as server:
+        port = int(server.url.rsplit(":", 1)[1])
+        results = asyncio.run(_measure(port, 4, settle_s=0.5, probe_s=1.0, timeout_s=30))
+        assert len(results) == 2 and all(r is not None for r in results)
+        assert server.get_json("/healthz")["status"] == "ok"

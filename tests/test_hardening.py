@@ -22,13 +22,20 @@ def bearer(key: str) -> dict:
     return {"Authorization": f"Bearer {key}"}
 
 
-def test_keys_guard_every_endpoint_but_health_and_metrics(serve):
-    server = serve(API_KEYS=f"{ALPHA}, {BETA}")
-    assert server.get("/healthz").json()["auth"] == "api_key"
-    assert server.get("/metrics").status_code == 200
+def test_keys_guard_every_endpoint_but_health(serve):
+    server = serve(API_KEYS=f"{ALPHA}, {BETA}", METRICS_KEY="sk-prometheus")
+    # Anyone may ask whether it is alive and wants keys (the page asks); its details take a key.
+    assert server.get("/healthz").json() == {"status": "ok", "auth": "api_key"}
+    assert server.get("/healthz", headers=bearer("sk-wrong")).json() == {"status": "ok", "auth": "api_key"}
+    for key in (BETA, "sk-prometheus"):
+        assert server.get("/healthz", headers=bearer(key)).json()["streams_in_flight"] == 0
+        metrics = server.get("/metrics", headers=bearer(key))
+        assert metrics.status_code == 200 and metrics.headers["Content-Type"].startswith("text/plain")
+    assert server.post("/chat", json={"prompt": "x"}, headers=bearer("sk-prometheus")).status_code == 401
     for headers in ({}, bearer("sk-wrong"), {"Authorization": ALPHA}, {"Authorization": "Bearer "}):
         for method, path in (("POST", "/chat"), ("POST", "/chat/sse"), ("POST", "/chat/blocking"),
-                             ("POST", "/batch"), ("GET", "/conversations"), ("GET", "/v1/models")):
+                             ("POST", "/batch"), ("GET", "/conversations"), ("GET", "/v1/models"),
+                             ("GET", "/metrics")):
             response = requests.request(method, server.url + path, json={"prompt": "x"}, headers=headers, timeout=10)
             assert response.status_code == 401, (path, headers)
             assert response.json()["error"]["code"] == "unauthorized"

@@ -43,7 +43,7 @@ STATUS = {"type": "status", "stage": "thinking"}
 DONE = {
     "type": "done",
     "finish_reason": "stop",
-    "usage": {"prompt_tokens": 3, "completion_tokens": 4},
+    "usage": {"prompt_tokens": 3, "completion_tokens": 4, "total_tokens": 7},
     "ttft_ms": 5,
     "duration_ms": 6,
 }
@@ -120,6 +120,7 @@ def test_sse_framing_round_trips_any_text(answer):
     body = encode(SSEFraming(MESSAGE_ID, 3000), batches, beats)
     # Data is JSON: no CR at all (a lone CR ends an SSE line), and every line is a known field.
     assert b"\r" not in body
+    assert body.decode().splitlines() == body.decode().split("\n")[:-1]  # U+2028, U+2029, U+0085 escaped
     for line in body.split(b"\n"):
         assert line == b"" or line == b": ping" or line.split(b":")[0] in (b"id", b"retry", b"event", b"data"), line
     parsed = sse_parse(body)
@@ -139,6 +140,7 @@ def test_ndjson_framing_round_trips_any_text(answer, index):
     body = encode(NDJSONFraming(index), batches, beats)
     assert body.endswith(b"\n") and b"\r" not in body
     objects = [json.loads(line) for line in body.split(b"\n")[:-1]]  # split at LF only, as NDJSON is
+    assert body.decode().splitlines() == body.decode().split("\n")[:-1]  # U+2028, U+2029, U+0085 escaped
     objects = [o for o in objects if o != {"type": "ping"}]
     assert objects == [e if index is None else {**e, "index": index} for _, e in merged(batches)]
 
@@ -161,6 +163,7 @@ def test_openai_framing_round_trips_any_text(answer, include_usage):
     batches, beats = answer
     body = encode(OpenAIFraming(1700000000, include_usage), batches, beats)
     assert b"\r" not in body
+    assert body.decode().splitlines() == body.decode().split("\n")[:-1]  # U+2028, U+2029, U+0085 escaped
     data = [m.data for m in sse_parse(body)]
     end = batches[-1][-1]
     if end["type"] == "done":

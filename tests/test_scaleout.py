@@ -96,7 +96,7 @@ def test_the_per_key_limit_counts_streams_on_every_host(serve, database_url):
         assert refused.headers["Retry-After"]
     other = open_stream(b, "another key", headers={"Authorization": "Bearer sk-two"})
     held[0].close()
-    wait_for(lambda: a.get("/healthz").json()["streams_in_flight"] == 0, what="A's stream to end")
+    wait_for(lambda: a.get("/healthz", headers=one).json()["streams_in_flight"] == 0, what="A's stream to end")
     held.append(open_stream(a, "freed", headers=one))
     for response in (*held, other):
         response.close()

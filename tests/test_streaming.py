@@ -29,6 +29,7 @@ def test_sse_streams_token_by_token(serve, worker_class):
     start, done = got.events[0], got.events[-1]
     assert got.text.startswith('This is turn 1. You said: "hello".')
     assert done["usage"]["completion_tokens"] == 30 and done["finish_reason"] == "stop"
+    assert done["usage"]["total_tokens"] == done["usage"]["prompt_tokens"] + 30  # as /v1's usage
     # ids are <message_id>:<seq>, in order; the first frame carries `retry`.
     assert [i.split(":")[0] for i in got.ids] == [start["message_id"]] * len(got.ids)
     seqs = [int(i.split(":")[1]) for i in got.ids]
@@ -44,6 +45,19 @@ def test_sse_streams_token_by_token(serve, worker_class):
     early = read_sse(hanging.url + "/chat/sse", json_body={"prompt": "hello"},
                      until=lambda got: got.text == "This is turn")
     assert early.events[-1]["type"] == "delta"
+
+
+def test_the_demo_says_it_follows_the_system_prompt(serve):
+    """So that a user can see the system prompt was sent, with each turn of the conversation."""
+    server = serve(DEMO_TOKENS=5)
+    first = server.post("/chat/blocking", json={"prompt": "hi", "system": "be brief"}).json()
+    assert first["text"] == 'This is turn 1. You said: "hi". I follow the system prompt: "be brief".'
+    second = server.post("/chat/blocking", json={"prompt": "再说", "conversation_id": first["conversation_id"]}).json()
+    assert second["text"] == "这是第 2 轮对话。你说：「再说」。我遵循系统提示：「be brief」。"
+    long = server.post("/chat/blocking", json={"prompt": "hi", "system": "s" * 500}).json()["text"]
+    assert long.endswith(f' I follow the system prompt: "{"s" * 80}…".')
+    plain = server.post("/chat/blocking", json={"prompt": "hi"}).json()["text"]
+    assert plain.startswith('This is turn 1. You said: "hi".') and "system" not in plain
 
 
 @pytest.mark.parametrize("worker_class", WORKER_CLASSES)
@@ -183,6 +197,17 @@ def test_bad_input_is_a_json_4xx(serve, worker_class):
         assert "Traceback" not in response.text
         if status == 405:
             assert method not in response.headers["Allow"] and "POST" in response.headers["Allow"]
+    # A chunked body (no Content-Length) over MAX_BODY_BYTES is a 413 too, not a body cut short.
+    for path in ("/chat/sse", "/v1/chat/completions"):
+        chunked = requests.post(server.url + path, data=iter([b'{"prompt": "', b"x" * 3000, b'"}']), headers=JSON,
+                                timeout=30)
+        assert chunked.status_code == 413 and chunked.json()["error"]["code"] == "body_too_large", chunked.text
+    fits = requests.post(server.url + "/chat/blocking", data=iter([b'{"prompt": ', b'"chunked"}']), headers=JSON,
+                         timeout=30)
+    assert fits.status_code == 200 and 'You said: "chunked"' in fits.json()["text"]
+    # A batch's error names the prompt it is about.
+    batch = requests.post(server.url + "/batch", json={"prompts": ["a", "b", "", "c"]}, timeout=30)
+    assert batch.json()["error"]["message"] == "prompts[2]: 'prompt' is required and must not be empty"
     # A request line over gunicorn's default 4094 bytes reaches the app (not gunicorn's HTML 414).
     long_get = requests.get(server.url + "/chat", params={"prompt": "a" * 6000}, timeout=30)
     assert long_get.status_code == 400 and "longer than 50 characters" in long_get.json()["error"]["message"]

@@ -1,7 +1,8 @@
 """The embedded default model: offline, deterministic, with a configurable pace and faults.
 
 Its answer says which turn of the conversation it is and quotes the prompt verbatim, so any text
-can be pushed through every framing and compared on the way out.
+can be pushed through every framing and compared on the way out; given a system prompt, it says
+that it follows it, quoting its start, so that a user can see it was sent.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ _WORDS = tuple(" " + word for word in (
     "exist and every reader tails the same log so nothing waits for the whole answer"
 ).split())
 _HANZI = tuple("流式输出让用户立刻看到回答的每一个字而不必等待全部生成完成")
+_SYSTEM_QUOTE_CHARS = 80  # of a system prompt, up to 32,000 characters long
 _SHORT_PAUSE_S = 0.05  # pauses up to this long sleep; longer ones wait on close()
 
 
@@ -52,7 +54,8 @@ class DemoReply:
         self.settings = settings
         self.prompt_tokens = sum(len(tokenize(m["content"])) for m in messages)
         turn = sum(1 for m in messages if m["role"] == "user")
-        self.tokens = answer_tokens(messages[-1]["content"], turn, settings.demo_tokens)
+        system = next((m["content"] for m in messages if m["role"] == "system"), None)
+        self.tokens = answer_tokens(messages[-1]["content"], turn, settings.demo_tokens, system)
         self.finish = "stop"
         if max_tokens is not None and max_tokens < len(self.tokens):
             self.tokens, self.finish = self.tokens[:max_tokens], "length"
@@ -85,12 +88,17 @@ class DemoReply:
         self._closed.set()
 
 
-def answer_tokens(prompt: str, turn: int, length: int) -> list[str]:
-    """The demo's answer as tokens: the quote in full, then filler up to `length` tokens."""
+def answer_tokens(prompt: str, turn: int, length: int, system: str | None = None) -> list[str]:
+    """The demo's answer as tokens: the quote in full (and the system prompt's start), then filler
+    up to `length` tokens."""
+    if system and len(system) > _SYSTEM_QUOTE_CHARS:
+        system = system[:_SYSTEM_QUOTE_CHARS] + "…"
     if _CJK_CHAR.search(prompt):
         head, filler = f"这是第 {turn} 轮对话。你说：「{prompt}」。", _HANZI
+        head += f"我遵循系统提示：「{system}」。" if system else ""
     else:
         head, filler = f'This is turn {turn}. You said: "{prompt}".', _WORDS
+        head += f' I follow the system prompt: "{system}".' if system else ""
     tokens = tokenize(head)
     start = zlib.crc32(prompt.encode("utf-8", "surrogatepass")) % len(filler)  # the seed
     tokens += [filler[(start + i) % len(filler)] for i in range(length - len(tokens))]
