@@ -19,7 +19,7 @@ from .engine import INTERRUPTED, Answer, peer_closed, tail_events
 from .errors import ApiError
 from .params import ChatRequest, invalid, number_field, parse_chat_request, request_fields
 from .providers.base import ProviderError
-from .turns import STREAM_HEADERS, begin_answer, service
+from .turns import STREAM_HEADERS, begin_answer, model_for, service
 from .wire import NDJSONFraming
 
 bp = Blueprint("batch", __name__)
@@ -41,6 +41,7 @@ def batch():
     if "prompt" in fields:
         raise invalid("a batch takes its prompts as 'prompts': 'prompt' is not allowed")
     chats = [parse_chat_request({**fields, "prompt": p}, settings.max_prompt_chars) for p in prompts]
+    model_for(chats[0])  # one model for every item: an unknown one is a 400, not an error per item
     sock = request.environ.get("gunicorn.socket")
     body = stream_with_context(
         batch_lines(chats, concurrency or min(4, settings.max_batch_concurrency), settings.heartbeat_s, sock)

@@ -75,6 +75,8 @@ _TYPES = {401: "authentication_error", 403: "permission_error", 429: "rate_limit
 def openai_error(
     status: int, code: str, message: str, param: str | None = None, headers: dict | None = None
 ) -> Response:
+    if code == "model_not_found":  # OpenAI's status for it; the service's own endpoints answer 400
+        status = 404
     error_type = _TYPES.get(status, "invalid_request_error" if status < 500 else "server_error")
     response = jsonify(error={"message": message, "type": error_type, "param": param, "code": code})
     response.status_code = status
