@@ -92,6 +92,12 @@ SCHEMA = [
     CREATE INDEX messages_streaming_by_worker ON messages (worker) WHERE status = 'streaming';
     CREATE TABLE health (worker TEXT PRIMARY KEY, checked_at REAL NOT NULL);
     """,
+    # version 6: a /v1 request whose earlier messages are a stored conversation continues it
+    # (sql.history_digest); conversations stored before have none and are not found that way
+    """
+    ALTER TABLE conversations ADD COLUMN history_hash TEXT;
+    CREATE INDEX conversations_by_history ON conversations (owner, history_hash);
+    """,
 ]
 
 
