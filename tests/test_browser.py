@@ -289,6 +289,22 @@ def test_conversation_reloads_from_the_list_and_continues(serve, browser):
     page.wait(lambda: page.titles() == ["a fresh start", "first question"], "both conversations, newest first")
 
 
+def test_older_conversations_are_a_click_away(serve, browser):
+    server = serve(DEMO_TOKENS=3)
+    prompts = [f"conversation {i}" for i in range(53)]
+    for prompt in prompts:
+        assert server.post("/chat/blocking", json={"prompt": prompt}).ok
+    page = ChatPage(browser, server.url).open()
+    page.wait(lambda: page.titles() == prompts[::-1][:50], "the newest 50")
+    older = page.find("#older")
+    assert older.is_displayed() and older.text == "Older conversations"
+    older.click()
+    page.wait(lambda: page.titles() == prompts[::-1], "all of them, newest first")
+    assert not page.find("#older").is_displayed()
+    page.open_conversation("conversation 0")
+    assert page.wait_reply("done")["answer"] == demo_answer("conversation 0", tokens=3)
+
+
 def test_markup_in_a_prompt_stays_text(serve, browser):
     server = serve()
     page = ChatPage(browser, server.url).open()
