@@ -144,7 +144,7 @@ def begin_answer(chat: ChatRequest, resumable: bool = False) -> Answer:
             chat.conversation_id, message_id, chat.prompt, chat.system, model, chat.history,
             # An open service has no keys to count by: only the per-worker limit holds there.
             owner=g.key_id, max_streams=(settings.max_streams_per_key or None) if g.key_id else None,
-            worker=svc.worker, reuse=chat.store,
+            worker=svc.worker, keep=chat.store,
         )
     except ConversationNotFound:
         raise ApiError(404, "not_found", "no such conversation") from None
@@ -156,7 +156,7 @@ def begin_answer(chat: ChatRequest, resumable: bool = False) -> Answer:
     try:
         reply = svc.provider.stream(messages, {"model": model, **chat.provider_params()})
     except ProviderError as exc:  # refused before the first token: a turn that failed all the same
-        svc.store.end_turn(message_id, "error", [], exc.code, keep=chat.store)
+        svc.store.end_turn(message_id, "error", [], exc.code)
         metrics.stream_started(context["endpoint"])
         duration_ms = round((time.monotonic() - asked) * 1000)
         record_end(context, conversation_id, message_id, "error", exc.code, None, 0, duration_ms, 0)
@@ -167,7 +167,7 @@ def begin_answer(chat: ChatRequest, resumable: bool = False) -> Answer:
         conversation_id=conversation_id,
         model=model,
         settings=settings,
-        on_end=lambda answer, log: save_turn(svc, answer, log, chat.store),
+        on_end=lambda answer, log: save_turn(svc, answer, log),
         context=context,
         resume_grace_s=settings.resume_grace_s if resumable else 0.0,
     )
@@ -183,21 +183,21 @@ def outcome(answer: Answer) -> tuple[str, str | None]:
     return ("complete" if code is None else "interrupted" if code in INTERRUPTIONS else "error"), code
 
 
-def save_turn(svc: Service, answer: Answer, log: Log, keep: bool = True) -> None:
-    """Save the ended answer (or, without `keep`, delete its conversation). When that fails the
-    client is told (`storage_error`, unless the answer was stopped and its last event sent
-    already) and the leases' thread tries again every second, with the answer as it ended (its
-    last event is the one the client got), until the store takes it."""
+def save_turn(svc: Service, answer: Answer, log: Log) -> None:
+    """Save the ended answer. When that fails the client is told (`storage_error`, unless the
+    answer was stopped and its last event sent already) and the leases' thread tries again every
+    second, with the answer as it ended (its last event is the one the client got), until the
+    store takes it."""
     status, code = outcome(answer)
     try:
-        svc.store.end_turn(answer.message_id, status, log, code, keep)
+        svc.store.end_turn(answer.message_id, status, log, code)
     except Exception as exc:
         if not isinstance(exc, StoreUnavailable):  # which the store logged already
             log.exception("saving the turn failed")
 
         def save_again() -> None:
             saved_status, saved_code = outcome(answer)
-            svc.store.end_turn(answer.message_id, saved_status, answer.log(), saved_code, keep)
+            svc.store.end_turn(answer.message_id, saved_status, answer.log(), saved_code)
 
         svc.leaser.unsaved[answer.message_id] = save_again
         if not answer.ended:

@@ -87,7 +87,7 @@ class SQLStore:
         owner: str = "",
         max_streams: int | None = None,
         worker: str = "",
-        reuse: bool = False,
+        keep: bool = True,
     ) -> tuple[str, list[dict]]:
         now = time.time()
         with self.transaction() as db:
@@ -100,14 +100,15 @@ class SQLStore:
                 if streaming >= max_streams:
                     raise TooManyStreams(owner)
             retry = False
-            if conversation_id is None and history and reuse:
+            if conversation_id is None and history and keep:
                 conversation_id, retry = self._stored_as(db, now, owner, system, history, prompt)
             if conversation_id is None:
                 conversation_id = uuid.uuid4().hex
                 db.execute(
-                    "INSERT INTO conversations (id, system, owner, created_at, updated_at, history_hash)"
-                    " VALUES (?, ?, ?, ?, ?, ?)",
-                    (conversation_id, system, owner, now, now, chain(history_digest(system, history), "user", prompt)),
+                    "INSERT INTO conversations (id, system, owner, created_at, updated_at, history_hash, keep)"
+                    " VALUES (?, ?, ?, ?, ?, ?, ?)",
+                    (conversation_id, system, owner, now, now, chain(history_digest(system, history), "user", prompt),
+                     int(keep)),
                 )
                 if history:
                     db.executemany(
@@ -194,20 +195,25 @@ class SQLStore:
             kept.append(message)
         return kept[::-1]
 
-    def end_turn(self, message_id: str, status: str, log: Log, error_code: str | None, keep: bool = True) -> None:
+    def end_turn(self, message_id: str, status: str, log: Log, error_code: str | None) -> None:
         done = log[-1] if log and type(log[-1]) is dict and log[-1]["type"] == "done" else {}
         with self.transaction() as db:
-            if not keep:
-                db.execute(
-                    "DELETE FROM conversations WHERE id = (SELECT conversation_id FROM messages WHERE id = ?)",
-                    (message_id,),
-                )
+            conversation = db.execute(
+                "SELECT c.id, c.history_hash, c.keep FROM conversations c JOIN messages m ON m.conversation_id = c.id"
+                " WHERE m.id = ?",
+                (message_id,),
+            ).fetchone()
+            if conversation is None:  # deleted meanwhile (its turn had been saved as worker_lost)
                 return
+            if not conversation["keep"]:
+                db.execute("DELETE FROM conversations WHERE id = ?", (conversation["id"],))
+                return
+            text = text_of(log)
             db.execute(
                 "UPDATE messages SET content = ?, status = ?, error_code = ?, usage = ?, finish_reason = ?,"
                 " ttft_ms = ?, duration_ms = ?, events = ?, finished_at = ? WHERE id = ?",
                 (
-                    text_of(log),
+                    text,
                     status,
                     error_code,
                     json.dumps(done["usage"]) if "usage" in done else None,
@@ -220,14 +226,9 @@ class SQLStore:
                 ),
             )
             if status == "complete":  # the conversation's history now ends with this answer
-                row = db.execute(
-                    "SELECT c.id, c.history_hash FROM conversations c JOIN messages m ON m.conversation_id = c.id"
-                    " WHERE m.id = ?",
-                    (message_id,),
-                ).fetchone()
                 db.execute(
                     "UPDATE conversations SET history_hash = ? WHERE id = ?",
-                    (chain(row["history_hash"], "assistant", text_of(log)), row["id"]),
+                    (chain(conversation["history_hash"], "assistant", text), conversation["id"]),
                 )
 
     # -- leases ---------------------------------------------------------------------------
@@ -282,6 +283,7 @@ class SQLStore:
             )
             if updated.rowcount:
                 reaped.append(row["id"])
+                db.execute("DELETE FROM conversations WHERE id = ? AND keep = 0", (row["conversation_id"],))
         return reaped
 
     def streaming_turn(self, conversation_id: str, owner: str = "") -> str | None:
