@@ -49,6 +49,7 @@ class Settings:
     demo_tokens: int = 60
     demo_fail_after: int | None = None
     demo_hang_after: int | None = None
+    demo_models: str = ""  # comma-separated names the demo also answers to (names that tools hard-code)
     worker_class: str = "gevent"
 
     def __post_init__(self) -> None:

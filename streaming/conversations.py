@@ -16,9 +16,9 @@ bp = Blueprint("conversations", __name__, url_prefix="/conversations")
 def list_conversations():
     limit = number_field(request.args, "limit", int, 1, 200) or 20
     before = number_field(request.args, "before", float, 0, float("inf"))
-    items = service().store.conversations(limit, before, g.key_id)
-    next_before = items[-1]["updated_at"] if len(items) == limit else None
-    return jsonify(conversations=items, next_before=next_before)
+    items = service().store.conversations(limit + 1, before, g.key_id)  # one more: are there older ones?
+    items, more = items[:limit], len(items) > limit
+    return jsonify(conversations=items, next_before=items[-1]["updated_at"] if more else None)
 
 
 @bp.get("/<conversation_id>")

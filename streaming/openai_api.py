@@ -3,8 +3,12 @@
 
 A request maps onto the engine like any other: the last message, which must be the user's, is
 the prompt; system (and `developer`) messages are joined into the system prompt; the user and
-assistant messages before the prompt become the history of a new stored conversation, whose id
-is in the `X-Conversation-Id` header.
+assistant messages before the prompt are the history. When they are exactly a stored
+conversation of the same key (same system prompt, same turns), the request is that
+conversation's next turn; when they are one but for its failed or interrupted last turn, and the
+prompt is that turn's (an SDK's retry), it replaces that turn; otherwise they start a new
+conversation. Its id is in the `X-Conversation-Id` header. With `"store": false` nothing of the
+request is kept once the answer ends.
 
 What a strict client can rely on:
 - Text only: a message's content is a string or a list of `{"type": "text", "text": ...}` parts
@@ -44,7 +48,7 @@ bp = Blueprint("openai_api", __name__, url_prefix="/v1")
 SYSTEM_ROLES = ("system", "developer")
 ROLES = (*SYSTEM_ROLES, "user", "assistant")
 IGNORED = frozenset(
-    "user top_p presence_penalty frequency_penalty seed logit_bias metadata store service_tier"
+    "user top_p presence_penalty frequency_penalty seed logit_bias metadata service_tier"
     " parallel_tool_calls reasoning_effort verbosity prompt_cache_key safety_identifier".split()
 )
 # Accepted only when null or one of these values, which ask for nothing this service lacks.
@@ -64,7 +68,7 @@ UNSUPPORTED: dict[str, tuple] = {
     "web_search_options": (),
 }
 FIELDS = frozenset(
-    {"messages", "model", "max_tokens", "max_completion_tokens", "temperature", "stream", "stream_options"}
+    {"messages", "model", "max_tokens", "max_completion_tokens", "temperature", "stream", "stream_options", "store"}
 )
 _TYPES = {401: "authentication_error", 403: "permission_error", 429: "rate_limit_error"}
 
@@ -75,6 +79,8 @@ _TYPES = {401: "authentication_error", 403: "permission_error", 429: "rate_limit
 def openai_error(
     status: int, code: str, message: str, param: str | None = None, headers: dict | None = None
 ) -> Response:
+    if code == "model_not_found":  # OpenAI's status for it; the service's own endpoints answer 400
+        status = 404
     error_type = _TYPES.get(status, "invalid_request_error" if status < 500 else "server_error")
     response = jsonify(error={"message": message, "type": error_type, "param": param, "code": code})
     response.status_code = status
@@ -195,6 +201,9 @@ def chat_request(fields: dict, max_prompt_chars: int) -> ChatRequest:
         temperature = number_field(fields, "temperature", float, 0, 2)
     with about("model"):
         model = text_field(fields, "model", 200)
+    store = fields.get("store")
+    if store is not None and not isinstance(store, bool):
+        raise bad("store", "'store' must be true or false")
     return ChatRequest(
         prompt=prompt,
         model=model,
@@ -202,6 +211,7 @@ def chat_request(fields: dict, max_prompt_chars: int) -> ChatRequest:
         max_tokens=limits["max_completion_tokens"] or limits["max_tokens"],
         temperature=temperature,
         history=tuple(history),
+        store=store is not False,
     )
 
 

@@ -25,8 +25,10 @@ class ChatRequest:
     system: str | None = None
     max_tokens: int | None = None
     temperature: float | None = None
-    # Earlier messages the client sends itself (the OpenAI-style API), for a new conversation.
+    # Earlier messages the client sends itself (the OpenAI-style API): a stored conversation's
+    # next turn when they are that conversation, a new conversation otherwise.
     history: tuple[dict, ...] = ()
+    store: bool = True  # False (OpenAI's `store`): nothing of the turn is kept once the answer ends
 
     def provider_params(self) -> dict:
         """What is passed through to the provider, where set."""
@@ -111,7 +113,7 @@ def required_prompt(fields: dict | MultiDict, max_prompt_chars: int) -> str:
 
 def parse_chat_request(fields: dict | MultiDict, max_prompt_chars: int) -> ChatRequest:
     """The checked request, from `request_fields()`."""
-    unknown = sorted(set(fields) - (set(ChatRequest.__dataclass_fields__) - {"history"}))  # history: /v1's own
+    unknown = sorted(set(fields) - (set(ChatRequest.__dataclass_fields__) - {"history", "store"}))  # /v1's own
     if unknown:
         raise invalid(f"unknown field(s): {', '.join(unknown)}")
     return ChatRequest(

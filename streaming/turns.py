@@ -121,21 +121,30 @@ def busy() -> ApiError:
     return ApiError(409, "conversation_busy", "an answer is still streaming in this conversation")
 
 
+def model_for(chat: ChatRequest) -> str:
+    """The model that answers `chat`: the one it names, when the provider has it, or the default."""
+    provider = service().provider
+    model = chat.model or provider.default_model
+    if not provider.accepts(model):
+        raise ApiError(400, "model_not_found", f"no model named {model!r} here (GET /v1/models lists them)")
+    return model
+
+
 def begin_answer(chat: ChatRequest, resumable: bool = False) -> Answer:
     """Start answering `chat`. A `resumable` answer (one whose client can come back for the rest:
     SSE's `Last-Event-ID`) runs on for `RESUME_GRACE_S` after its last reader left."""
     svc, settings = service(), service().settings
     if 0 < settings.max_streams_per_worker <= len(svc.live):
         raise too_many(f"this worker is at its limit of {settings.max_streams_per_worker} streams")
+    model = model_for(chat)
     message_id = uuid.uuid4().hex
-    model = chat.model or svc.provider.default_model
     context = {"request_id": g.request_id, "key_id": g.key_id, "endpoint": request.path}
     try:
         conversation_id, messages = svc.store.begin_turn(
             chat.conversation_id, message_id, chat.prompt, chat.system, model, chat.history,
             # An open service has no keys to count by: only the per-worker limit holds there.
             owner=g.key_id, max_streams=(settings.max_streams_per_key or None) if g.key_id else None,
-            worker=svc.worker,
+            worker=svc.worker, keep=chat.store,
         )
     except ConversationNotFound:
         raise ApiError(404, "not_found", "no such conversation") from None

@@ -4,14 +4,13 @@ inert markup, Chinese text and a phone-sized screen."""
 
 from __future__ import annotations
 
-import os
 import re
 from pathlib import Path
 
 import pytest
 import requests
 from selenium import webdriver
-from selenium.common.exceptions import NoAlertPresentException
+from selenium.common.exceptions import NoAlertPresentException, StaleElementReferenceException
 from selenium.webdriver.chrome.options import Options
 from selenium.webdriver.chrome.service import Service
 from selenium.webdriver.common.by import By
@@ -20,12 +19,10 @@ from selenium.webdriver.support.ui import WebDriverWait
 
 from streaming.providers.demo import answer_tokens
 
-from .conftest import wait_for
+from .conftest import needs, wait_for
 from .fake_upstream import FakeUpstream
 
 CHROMIUM, CHROMEDRIVER = Path("/usr/bin/chromium"), Path("/usr/bin/chromedriver")
-if not CHROMIUM.exists() and not os.environ.get("CI"):
-    pytest.skip("no /usr/bin/chromium (apt-get install chromium chromium-driver)", allow_module_level=True)
 
 FLAGS = [
     "--headless=new",
@@ -52,6 +49,8 @@ def demo_answer(prompt: str, turn: int = 1, tokens: int = 60) -> str:
 
 @pytest.fixture
 def browser(tmp_path):
+    needs(CHROMIUM.exists() and CHROMEDRIVER.exists(),
+          "Chromium not installed: apt-get install chromium chromium-driver")
     options = Options()
     options.binary_location = str(CHROMIUM)
     for flag in FLAGS:
@@ -89,9 +88,11 @@ class ChatPage:
         return self.driver.find_elements(By.CSS_SELECTOR, css)
 
     def wait(self, predicate, what: str, timeout: float = 30.0):
-        return WebDriverWait(self.driver, timeout, poll_frequency=0.02).until(
-            lambda _: predicate(), message=f"timed out waiting for {what}"
-        )
+        """Poll `predicate`; an element it holds that the page redrew meanwhile (the list is
+        redrawn when an answer ends) is looked up again at the next poll."""
+        return WebDriverWait(
+            self.driver, timeout, poll_frequency=0.02, ignored_exceptions=(StaleElementReferenceException,)
+        ).until(lambda _: predicate(), message=f"timed out waiting for {what}")
 
     def send(self, text: str) -> None:
         self.find("#prompt").send_keys(text)
@@ -117,13 +118,23 @@ class ChatPage:
         )
 
     def titles(self) -> list[str]:
-        return [b.text for b in self.find_all("#conversations .conversation")]
+        """The conversation list, read in one go."""
+        return self.js("return [...document.querySelectorAll('#conversations .conversation')].map(b => b.innerText)")
 
     def conversation_button(self, title: str):
         return self.wait(
             lambda: next((b for b in self.find_all("#conversations .conversation") if b.text == title), None),
             f"{title!r} in the conversation list",
         )
+
+    def open_conversation(self, title: str) -> None:
+        """Click the conversation in the list, as a user does once it is there."""
+
+        def click() -> bool:
+            self.conversation_button(title).click()  # stale when the list was redrawn: tried again
+            return True
+
+        self.wait(click, f"{title!r} to be clicked")
 
 
 def conversations(server, **kwargs) -> list[dict]:
@@ -178,7 +189,7 @@ def test_answer_streams_into_the_page(serve, browser, tmp_path):
     assert reply["note"].startswith("60 tokens · ") and reply["indicator"] is None and reply["error"] is None
     assert page.find("#send").is_displayed() and not page.find("#stop").is_displayed()
     assert page.find(".msg.user").text == "hello"
-    assert page.conversation_button("hello").get_attribute("aria-current") == "true"
+    page.wait(lambda: page.conversation_button("hello").get_attribute("aria-current") == "true", "it to be current")
     page.driver.save_screenshot(str(tmp_path / "desktop.png"))
 
 
@@ -245,7 +256,7 @@ def test_stop_interrupts_the_answer(serve, browser):
 
     # Seen again after a reload, from the list.
     page.driver.refresh()
-    page.conversation_button("tell me everything").click()
+    page.open_conversation("tell me everything")
     reply = page.wait_reply("stopped")
     assert reply["answer"] == turn["content"] and reply["note"] == "Stopped"
 
@@ -259,7 +270,7 @@ def test_conversation_reloads_from_the_list_and_continues(serve, browser):
     page.driver.refresh()
     page.wait(lambda: page.titles() == ["first question"], "the conversation list")
     assert page.find_all("#messages .msg") == []
-    page.conversation_button("first question").click()
+    page.open_conversation("first question")
     page.wait(lambda: len(page.find_all("#messages .msg")) == 2, "the stored turn")
     assert page.find(".msg.user").text == "first question"
     reply = page.wait_reply("done")
@@ -276,6 +287,22 @@ def test_conversation_reloads_from_the_list_and_continues(serve, browser):
     page.send("a fresh start")
     assert page.wait_reply("done")["answer"] == demo_answer("a fresh start", turn=1)
     page.wait(lambda: page.titles() == ["a fresh start", "first question"], "both conversations, newest first")
+
+
+def test_older_conversations_are_a_click_away(serve, browser):
+    server = serve(DEMO_TOKENS=3)
+    prompts = [f"conversation {i}" for i in range(53)]
+    for prompt in prompts:
+        assert server.post("/chat/blocking", json={"prompt": prompt}).ok
+    page = ChatPage(browser, server.url).open()
+    page.wait(lambda: page.titles() == prompts[::-1][:50], "the newest 50")
+    older = page.find("#older")
+    assert older.is_displayed() and older.text == "Older conversations"
+    older.click()
+    page.wait(lambda: page.titles() == prompts[::-1], "all of them, newest first")
+    assert not page.find("#older").is_displayed()
+    page.open_conversation("conversation 0")
+    assert page.wait_reply("done")["answer"] == demo_answer("conversation 0", tokens=3)
 
 
 def test_markup_in_a_prompt_stays_text(serve, browser):
@@ -391,7 +418,7 @@ def test_api_key_from_the_field(serve, browser):
     assert [c["title"] for c in conversations(server, headers=bearer)] == ["with a key"]
 
     page.driver.refresh()  # kept in localStorage
-    page.conversation_button("with a key").click()
+    page.open_conversation("with a key")
     assert page.wait_reply("done")["answer"] == demo_answer("with a key")
     assert page.find("#api-key").get_property("value") == key
     assert page.find("#key-box").get_property("open") is False  # a key is set: folded away

@@ -66,6 +66,7 @@ def test_list_and_delete(serve):
     assert [c["id"] for c in page["conversations"]] == ids[::-1][:2]
     rest = server.get("/conversations", params={"limit": 2, "before": page["next_before"]}).json()
     assert [c["id"] for c in rest["conversations"]] == [ids[0]] and rest["next_before"] is None
+    assert server.get("/conversations", params={"limit": 3}).json()["next_before"] is None  # none older
     assert page["conversations"][0]["title"] == "c2 turn 1"
     assert requests.delete(f"{server.url}/conversations/{ids[0]}", timeout=10).status_code == 204
     for response in (server.get(f"/conversations/{ids[0]}"), requests.delete(f"{server.url}/conversations/{ids[0]}")):

@@ -332,3 +332,32 @@ def test_reasoning_streams_apart(serve):
     assert "".join(getattr(d, "reasoning_content", None) or "" for d in deltas) == "think think "
     assert text_of(chunks) == whole.choices[0].message.content == up.expected_text("hi")
     assert whole.choices[0].message.reasoning_content == "think think "
+
+
+def test_an_unknown_model_is_refused_before_anything_is_stored(serve):
+    """OpenAI's 404 `model_not_found` on /v1, a 400 on the service's own endpoints."""
+    server = serve("gevent")
+    with client(server) as sdk:
+        for stream in (False, True):
+            with pytest.raises(openai.NotFoundError) as info:
+                sdk.chat.completions.create(model="gpt-4", messages=HI, stream=stream)
+            assert_openai_error(info.value.body, "model_not_found")
+            assert "gpt-4" in info.value.message
+    for path, body in [("/chat", {"prompt": "hi"}), ("/chat/sse", {"prompt": "hi"}),
+                       ("/chat/blocking", {"prompt": "hi"}), ("/batch", {"prompts": ["a", "b"]})]:
+        response = server.post(path, json={**body, "model": "gpt-4"})
+        assert response.status_code == 400, (path, response.text)
+        assert response.json()["error"]["code"] == "model_not_found"
+    assert server.get("/conversations").json()["conversations"] == []
+
+
+def test_demo_models_answer_to_the_names_tools_hard_code(serve):
+    server = serve("gevent", DEMO_MODELS="gpt-4o-mini, gpt-4,demo")
+    with client(server) as sdk:
+        assert [m.id for m in sdk.models.list()] == ["demo", "gpt-4o-mini", "gpt-4"]
+        assert sdk.models.retrieve("gpt-4").owned_by == "demo"
+        whole = sdk.chat.completions.create(model="gpt-4", messages=HI)
+        with pytest.raises(openai.NotFoundError):
+            sdk.chat.completions.create(model="gpt-5", messages=HI)
+    assert whole.model == "gpt-4" and whole.choices[0].message.content.startswith('This is turn 1. You said: "hi"')
+    assert server.post("/chat/blocking", json={"prompt": "hi", "model": "gpt-4o-mini"}).ok

@@ -6,6 +6,7 @@ import json
 import socket
 import threading
 
+import openai
 import pytest
 import requests
 
@@ -128,7 +129,11 @@ def test_a_404_for_the_services_own_model_is_its_misconfiguration(serve, upstrea
     assert own.status_code == 503 and own.json()["error"]["code"] == "upstream_error"
     assert "OPENAI_BASE_URL" in own.json()["error"]["message"] and upstream.base_url not in own.text
     asked = server.post("/chat", json={"prompt": "x", "model": "no-such-model"})  # the client's choice
-    assert asked.status_code == 400 and asked.json()["error"]["code"] == "invalid_request"
+    assert asked.status_code == 400 and asked.json()["error"]["code"] == "model_not_found"
+    sdk = openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0)
+    with pytest.raises(openai.NotFoundError) as info:  # OpenAI's status for it on /v1
+        sdk.chat.completions.create(model="no-such-model", messages=[{"role": "user", "content": "x"}])
+    assert info.value.code == "model_not_found"
 
 
 def test_done_without_a_finish_reason_is_a_whole_answer(serve, upstream):

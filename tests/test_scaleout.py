@@ -182,7 +182,7 @@ def test_workers_and_hosts_starting_together_migrate_once(tmp_path, postgres):
         import psycopg
 
         with psycopg.connect(url) as conn:
-            assert conn.execute("SELECT version FROM schema_version ORDER BY version").fetchall() == [(1,)]
+            assert conn.execute("SELECT version FROM schema_version ORDER BY version").fetchall() == [(1,), (2,)]
     finally:
         for server in servers:
             server.stop()
@@ -291,3 +291,17 @@ def test_a_disk_that_fills_mid_answer_ends_the_stream_with_storage_error(tmp_pat
         assert saved["content"] == said and saved["error_code"] == "storage_error"
     finally:
         server.stop()
+
+
+def test_a_sigkilled_worker_leaves_nothing_of_a_store_false_answer(serve, database_url):
+    """`store: false` holds when the worker dies mid-answer: the turn's reaper deletes it."""
+    env = {"LEASE_S": 1.5, "DEMO_TOKENS_PER_S": 20, "DEMO_TOKENS": 5000, "HEARTBEAT_S": 0.2}
+    a, b = serve("gevent", **env), serve("gevent", **env)
+    body = {"model": "demo", "messages": [{"role": "user", "content": "forget me"}], "stream": True, "store": False}
+    with requests.post(a.url + "/v1/chat/completions", json=body, stream=True, timeout=30) as response:
+        conversation_id = response.headers["X-Conversation-Id"]
+        assert b.get(f"/conversations/{conversation_id}").status_code == 200  # while it streams
+        for pid in worker_pids(a):
+            os.kill(pid, signal.SIGKILL)
+    wait_for(lambda: b.get(f"/conversations/{conversation_id}").status_code == 404, what="the conversation to go")
+    assert b.get("/conversations").json()["conversations"] == []

@@ -57,5 +57,8 @@ class Provider(Protocol):
 
     def models(self) -> list[str]: ...
 
+    def accepts(self, model: str) -> bool:
+        """Whether a request may name `model`; one it may not is refused before anything is stored."""
+
     def stream(self, messages: list[dict], params: dict) -> Reply:
         """Start an answer. Raises ProviderError when the upstream refuses before any token."""

@@ -41,9 +41,14 @@ class DemoProvider:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self.default_model = settings.llm_model or "demo"
+        extra = (name.strip() for name in settings.demo_models.split(","))
+        self.names = list(dict.fromkeys([self.default_model, *filter(None, extra)]))
 
     def models(self) -> list[str]:
-        return [self.default_model]
+        return self.names
+
+    def accepts(self, model: str) -> bool:
+        return model in self.names
 
     def stream(self, messages: list[dict], params: dict) -> DemoReply:
         return DemoReply(self.settings, messages, params.get("max_tokens"))

@@ -42,7 +42,7 @@ def provider_error(exc: Exception) -> ProviderError:
     if isinstance(exc, openai.RateLimitError):
         return ProviderError("rate_limited", "the model server is rate limiting; retry later", 429)
     if isinstance(exc, openai.NotFoundError):
-        return ProviderError("invalid_request", "the model server has no such model", 400)
+        return ProviderError("model_not_found", "the model server has no such model", 400)
     if isinstance(exc, (openai.BadRequestError, openai.UnprocessableEntityError)):
         return ProviderError("invalid_request", "the model server rejected the request", 400)
     if isinstance(exc, (openai.AuthenticationError, openai.PermissionDeniedError)):
@@ -84,6 +84,11 @@ class OpenAIProvider:
             return [m.id for m in self.client.models.list()]
         except openai.OpenAIError:
             return [self.default_model]
+
+    def accepts(self, model: str) -> bool:
+        """Any name: the upstream may serve many models, and says which it has not (a 404, which
+        is `model_not_found` for the client's choice)."""
+        return True
 
     def stream(self, messages: list[dict], params: dict) -> OpenAIReply:
         body = {"messages": messages, "stream": True, "stream_options": {"include_usage": True}, **params}

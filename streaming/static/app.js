@@ -5,7 +5,8 @@
 
 const $ = (id) => document.getElementById(id);
 const KEY_STORAGE = "chat.apiKey";
-const state = { conversationId: null, controller: null, view: 0 };
+const PAGE = 50; // conversations listed at a time; "Older conversations" fetches the next ones
+const state = { conversationId: null, controller: null, view: 0, olderThan: null };
 
 function el(tag, className, text) {
   const node = document.createElement(tag);
@@ -325,31 +326,58 @@ async function openConversation(id) {
   }
 }
 
+function conversationItem(c) {
+  const button = el("button", "conversation", c.title || "(untitled)");
+  button.type = "button";
+  button.title = c.title || "";
+  button.dataset.id = c.id;
+  button.addEventListener("click", () => openConversation(c.id));
+  const item = el("li");
+  item.append(button);
+  return item;
+}
+
+// The newest page of the list (again after each answer, which moves its conversation first).
 async function loadConversations() {
   const list = $("conversations");
   const note = $("conversations-note");
   try {
-    const { conversations } = await (await api("/conversations?limit=50")).json();
-    list.replaceChildren(
-      ...conversations.map((c) => {
-        const button = el("button", "conversation", c.title || "(untitled)");
-        button.type = "button";
-        button.title = c.title || "";
-        button.dataset.id = c.id;
-        button.addEventListener("click", () => openConversation(c.id));
-        const item = el("li");
-        item.append(button);
-        return item;
-      }),
-    );
-    note.hidden = conversations.length > 0;
+    const page = await (await api(`/conversations?limit=${PAGE}`)).json();
+    list.replaceChildren(...page.conversations.map(conversationItem));
+    showOlder(page.next_before);
+    note.hidden = page.conversations.length > 0;
     note.textContent = "No conversations yet.";
     markCurrent();
   } catch (error) {
     list.replaceChildren();
+    showOlder(null);
     note.hidden = false;
     note.textContent = `Conversations unavailable: ${error.message}`;
   }
+}
+
+// The next page, below the ones listed: those last updated before the last one listed.
+async function loadOlder() {
+  const button = $("older");
+  button.disabled = true;
+  try {
+    const before = encodeURIComponent(state.olderThan);
+    const page = await (await api(`/conversations?limit=${PAGE}&before=${before}`)).json();
+    const listed = new Set([...document.querySelectorAll("#conversations .conversation")].map((b) => b.dataset.id));
+    $("conversations").append(...page.conversations.filter((c) => !listed.has(c.id)).map(conversationItem));
+    showOlder(page.next_before);
+    markCurrent();
+  } catch (error) {
+    $("conversations-note").hidden = false;
+    $("conversations-note").textContent = `Older conversations unavailable: ${error.message}`;
+  } finally {
+    button.disabled = false;
+  }
+}
+
+function showOlder(nextBefore) {
+  state.olderThan = nextBefore;
+  $("older").hidden = nextBefore === null || nextBefore === undefined;
 }
 
 function markCurrent() {
@@ -430,6 +458,7 @@ function setUp() {
   });
   $("stop").addEventListener("click", stop);
   $("new-chat").addEventListener("click", newChat);
+  $("older").addEventListener("click", loadOlder);
   $("toggle-list").addEventListener("click", () => {
     const open = $("sidebar").classList.toggle("open");
     $("toggle-list").setAttribute("aria-expanded", String(open));

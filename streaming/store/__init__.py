@@ -83,17 +83,23 @@ class Store(Protocol):
         owner: str = "",
         max_streams: int | None = None,
         worker: str = "",
+        keep: bool = True,
     ) -> tuple[str, list[dict]]:
         """Record the user's message and a `streaming` placeholder for the answer, leased to
         `worker`; return the conversation id (a new one when None) and the messages to send:
         system first, then the earlier turns as `{"role", "content"}` dicts, then this prompt.
         `history` (earlier messages the client sent itself) starts a new conversation with those
-        turns. Only the `owner`'s conversations are seen; TooManyStreams when the owner already
-        has `max_streams` answers streaming with a live lease (on every worker and host: the rows
-        are the count)."""
+        turns, unless they are exactly a stored conversation of the owner's (same system prompt,
+        same turns): this is then its next turn; or they are that conversation but for its failed
+        last turn, whose prompt was this one: this retry then replaces that turn. Without `keep`,
+        a new conversation is made, and deleted when the answer ends (or its worker is lost).
+        Only the `owner`'s conversations are seen; ConversationBusy while an answer streams in the
+        conversation; TooManyStreams when the owner already has `max_streams` answers streaming
+        with a live lease (on every worker and host: the rows are the count)."""
 
     def end_turn(self, message_id: str, status: str, log: Log, error_code: str | None) -> None:
-        """Complete the assistant's row from the answer's event log."""
+        """Complete the assistant's row from the answer's event log (or delete the conversation,
+        when it was begun without `keep`)."""
 
     def checkpoint(self, worker: str, answers: dict[str, Log | None]) -> None:
         """Renew the leases of `worker`'s answers and save the event log of those whose value is

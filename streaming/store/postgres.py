@@ -62,6 +62,13 @@ SCHEMA = [
     CREATE INDEX messages_streaming_by_worker ON messages (worker) WHERE status = 'streaming';
     CREATE TABLE health (worker TEXT PRIMARY KEY, checked_at DOUBLE PRECISION NOT NULL);
     """,
+    # version 2: SQLite's version 6 (a /v1 request whose earlier messages are a stored
+    # conversation continues it; one whose `keep` is 0 goes when its answer ends)
+    """
+    ALTER TABLE conversations ADD COLUMN history_hash TEXT;
+    CREATE INDEX conversations_by_history ON conversations (owner, history_hash);
+    ALTER TABLE conversations ADD COLUMN keep INTEGER NOT NULL DEFAULT 1;
+    """,
 ]
 MIGRATION_LOCK = 0x5354524D  # any constant the service's processes agree on ("STRM")
 TIMEOUT_S = 5
@@ -82,6 +89,7 @@ class Transaction:
 
 class PostgresStore(SQLStore):
     name = "postgres"
+    FOR_UPDATE = " FOR UPDATE"  # READ COMMITTED: without it, two turns begun together both pass the busy check
 
     def __init__(self, settings: Settings) -> None:
         try:

@@ -8,6 +8,7 @@ stores cannot drift apart. Every row is read by column name.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import time
 import uuid
@@ -36,10 +37,32 @@ def text_of(log: Log) -> str:
     return "".join([e for e in log if type(e) is str])
 
 
+def chain(digest: str | None, role: str, content: str) -> str:
+    """The digest of a conversation's history one message on (see `history_digest`)."""
+    step = json.dumps([digest, role, content], ensure_ascii=False).encode("utf-8", "surrogatepass")
+    return hashlib.sha256(step).hexdigest()
+
+
+def history_digest(system: str | None, messages: list[dict] | tuple[dict, ...]) -> str:
+    """What identifies a conversation's history: its system prompt and its messages in order.
+
+    A conversation's `history_hash` is the digest of its messages once its last turn is complete
+    (what a client sends as the earlier messages of its next turn), and the digest through the
+    last prompt while that turn streams or after it failed (what a retry of it sends, prompt
+    included). Each turn moves it on by one or two steps of `chain`, from the previous value."""
+    digest = chain(None, "system", system or "")
+    for message in messages:
+        digest = chain(digest, message["role"], message["content"])
+    return digest
+
+
 class SQLStore:
     name = "sql"
     # What the live log knows of a dead worker's answer, beyond its last checkpoint (`live`).
     lost_events: Callable[[str], Log | None] | None = None
+    # Appended to the read of the conversation that a turn begins in, so that two turns begun
+    # together in it wait for each other (PostgreSQL's row lock; SQLite's transactions take turns).
+    FOR_UPDATE = ""
 
     def __init__(self, settings: Settings) -> None:
         self.history_chars = settings.history_chars
@@ -64,6 +87,7 @@ class SQLStore:
         owner: str = "",
         max_streams: int | None = None,
         worker: str = "",
+        keep: bool = True,
     ) -> tuple[str, list[dict]]:
         now = time.time()
         with self.transaction() as db:
@@ -75,11 +99,16 @@ class SQLStore:
                 ).fetchone()["n"]
                 if streaming >= max_streams:
                     raise TooManyStreams(owner)
+            retry = False
+            if conversation_id is None and history and keep:
+                conversation_id, retry = self._stored_as(db, now, owner, system, history, prompt)
             if conversation_id is None:
                 conversation_id = uuid.uuid4().hex
                 db.execute(
-                    "INSERT INTO conversations (id, system, owner, created_at, updated_at) VALUES (?, ?, ?, ?, ?)",
-                    (conversation_id, system, owner, now, now),
+                    "INSERT INTO conversations (id, system, owner, created_at, updated_at, history_hash, keep)"
+                    " VALUES (?, ?, ?, ?, ?, ?, ?)",
+                    (conversation_id, system, owner, now, now, chain(history_digest(system, history), "user", prompt),
+                     int(keep)),
                 )
                 if history:
                     db.executemany(
@@ -90,25 +119,28 @@ class SQLStore:
                 earlier = [{"role": m["role"], "content": m["content"]} for m in history]
             else:
                 row = db.execute(
-                    "SELECT system FROM conversations WHERE id = ? AND owner = ?", (conversation_id, owner)
+                    "SELECT system FROM conversations WHERE id = ? AND owner = ?" + self.FOR_UPDATE,
+                    (conversation_id, owner),
                 ).fetchone()
                 if row is None:
                     raise ConversationNotFound(conversation_id)
-                system = system if system is not None else row["system"]
                 self._reap(db, now, conversation_id)
-                if db.execute(
-                    "SELECT 1 AS busy FROM messages WHERE conversation_id = ? AND status = 'streaming'",
+                rows = db.execute(
+                    "SELECT id, role, content, status FROM messages WHERE conversation_id = ?"
+                    " ORDER BY created_at, rowid",
                     (conversation_id,),
-                ).fetchone():
+                ).fetchall()
+                if any(r["status"] == "streaming" for r in rows):
                     raise ConversationBusy(conversation_id)
-                earlier = [
-                    {"role": r["role"], "content": r["content"]}
-                    for r in db.execute(
-                        "SELECT role, content FROM messages WHERE conversation_id = ? ORDER BY created_at, rowid",
-                        (conversation_id,),
-                    ).fetchall()
-                ]
-                db.execute("UPDATE conversations SET updated_at = ? WHERE id = ?", (now, conversation_id))
+                if retry:  # the failed last turn goes: its retry takes its place
+                    db.executemany("DELETE FROM messages WHERE id = ?", [(r["id"],) for r in rows[-2:]])
+                    rows = rows[:-2]
+                earlier = [{"role": r["role"], "content": r["content"]} for r in rows]
+                db.execute(
+                    "UPDATE conversations SET updated_at = ?, history_hash = ? WHERE id = ?",
+                    (now, chain(history_digest(row["system"], earlier), "user", prompt), conversation_id),
+                )
+                system = system if system is not None else row["system"]
             db.executemany(
                 "INSERT INTO messages (id, conversation_id, owner, role, content, status, model, worker,"
                 " lease_until, created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
@@ -123,6 +155,36 @@ class SQLStore:
             messages.insert(0, {"role": "system", "content": system})
         return conversation_id, messages
 
+    def _stored_as(
+        self, db, now: float, owner: str, system: str | None, history: tuple[dict, ...], prompt: str
+    ) -> tuple[str | None, bool]:
+        """The owner's conversation that the request's earlier messages are, and whether the
+        request retries its last turn: (id, False) when they are exactly its messages and its last
+        turn is complete; (id, True) when they are its messages but for its last turn, which
+        failed (or was cut short), and that turn's prompt was this one; (None, False) otherwise.
+        ConversationBusy while the turn it would retry is streaming."""
+        following = history_digest(system, history)
+        retried = chain(following, "user", prompt)
+        row = db.execute(
+            "SELECT id, history_hash FROM conversations WHERE owner = ? AND history_hash IN (?, ?)"
+            " ORDER BY updated_at DESC LIMIT 1" + self.FOR_UPDATE,
+            (owner, following, retried),
+        ).fetchone()
+        if row is None:
+            return None, False
+        self._reap(db, now, row["id"])
+        last = db.execute(
+            "SELECT status FROM messages WHERE conversation_id = ? AND role = 'assistant'"
+            " ORDER BY created_at DESC, rowid DESC LIMIT 1",
+            (row["id"],),
+        ).fetchone()
+        if last["status"] == "streaming":
+            raise ConversationBusy(row["id"])
+        retry = row["history_hash"] == retried
+        if retry == (last["status"] == "complete"):  # its history only looks like the request's
+            return None, False
+        return row["id"], retry
+
     def trim(self, history: list[dict]) -> list[dict]:
         """The newest turns that fit in the history budget (counted in characters)."""
         budget, kept = self.history_chars, []
@@ -136,11 +198,22 @@ class SQLStore:
     def end_turn(self, message_id: str, status: str, log: Log, error_code: str | None) -> None:
         done = log[-1] if log and type(log[-1]) is dict and log[-1]["type"] == "done" else {}
         with self.transaction() as db:
+            conversation = db.execute(
+                "SELECT c.id, c.history_hash, c.keep FROM conversations c JOIN messages m ON m.conversation_id = c.id"
+                " WHERE m.id = ?",
+                (message_id,),
+            ).fetchone()
+            if conversation is None:  # deleted meanwhile (its turn had been saved as worker_lost)
+                return
+            if not conversation["keep"]:
+                db.execute("DELETE FROM conversations WHERE id = ?", (conversation["id"],))
+                return
+            text = text_of(log)
             db.execute(
                 "UPDATE messages SET content = ?, status = ?, error_code = ?, usage = ?, finish_reason = ?,"
                 " ttft_ms = ?, duration_ms = ?, events = ?, finished_at = ? WHERE id = ?",
                 (
-                    text_of(log),
+                    text,
                     status,
                     error_code,
                     json.dumps(done["usage"]) if "usage" in done else None,
@@ -152,6 +225,11 @@ class SQLStore:
                     message_id,
                 ),
             )
+            if status == "complete":  # the conversation's history now ends with this answer
+                db.execute(
+                    "UPDATE conversations SET history_hash = ? WHERE id = ?",
+                    (chain(conversation["history_hash"], "assistant", text), conversation["id"]),
+                )
 
     # -- leases ---------------------------------------------------------------------------
 
@@ -205,6 +283,7 @@ class SQLStore:
             )
             if updated.rowcount:
                 reaped.append(row["id"])
+                db.execute("DELETE FROM conversations WHERE id = ? AND keep = 0", (row["conversation_id"],))
         return reaped
 
     def streaming_turn(self, conversation_id: str, owner: str = "") -> str | None:

@@ -92,6 +92,14 @@ SCHEMA = [
     CREATE INDEX messages_streaming_by_worker ON messages (worker) WHERE status = 'streaming';
     CREATE TABLE health (worker TEXT PRIMARY KEY, checked_at REAL NOT NULL);
     """,
+    # version 6: a /v1 request whose earlier messages are a stored conversation continues it
+    # (sql.history_digest; conversations stored before have none and are not found that way);
+    # one whose `keep` is 0 (/v1's `store: false`) goes when its answer ends
+    """
+    ALTER TABLE conversations ADD COLUMN history_hash TEXT;
+    CREATE INDEX conversations_by_history ON conversations (owner, history_hash);
+    ALTER TABLE conversations ADD COLUMN keep INTEGER NOT NULL DEFAULT 1;
+    """,
 ]
 
 
