@@ -12,7 +12,7 @@ from .live import open_live_log
 from .providers import load_provider
 from .store import StoreUnavailable, open_store
 from .threads import under_gevent
-from .turns import Service, service
+from .turns import Service, log_streams_to_stdout, service
 
 
 def create_app(settings: Settings | None = None) -> Flask:
@@ -24,6 +24,7 @@ def create_app(settings: Settings | None = None) -> Flask:
         # httpx logs every request's URL at INFO: OPENAI_BASE_URL, with any credentials in it.
         for name in ("httpx", "httpx2"):
             logging.getLogger(name).setLevel(logging.WARNING)
+    log_streams_to_stdout()
     if under_gevent():  # a log record names its thread: a dummy Thread object made for each greenlet
         logging.logThreads = False
     store = open_store(settings, app.instance_path)

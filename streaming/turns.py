@@ -40,12 +40,17 @@ INTERRUPTIONS = (INTERRUPTED, SHUTDOWN, STOPPED)  # an answer cut short, saved a
 log = logging.getLogger(__name__)
 
 stream_log = logging.getLogger("streaming.streams")
-if not stream_log.handlers:  # one JSON line per stream, to stdout as Heroku expects
-    _handler = logging.StreamHandler(sys.stdout)
-    _handler.setFormatter(logging.Formatter("%(message)s"))
-    stream_log.addHandler(_handler)
-    stream_log.setLevel(logging.INFO)
-    stream_log.propagate = False
+
+
+def log_streams_to_stdout() -> None:
+    """One JSON line per stream, to stdout as Heroku expects: the service's own logging, set up by
+    `create_app()`. In a host app the lines go wherever its logging sends `streaming.streams`."""
+    if not stream_log.handlers:
+        handler = logging.StreamHandler(sys.stdout)
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        stream_log.addHandler(handler)
+        stream_log.setLevel(logging.INFO)
+        stream_log.propagate = False
 
 
 @dataclass
