@@ -10,9 +10,12 @@ from . import auth, batch, chat, conversations, errors, limits, metrics, openai_
 from .config import Settings
 from .live import open_live_log
 from .providers import load_provider
+from .respond import stream_response
 from .store import StoreUnavailable, open_store
 from .threads import under_gevent
 from .turns import Service, log_streams_to_stdout, service
+
+__all__ = ["create_app", "stream_response"]
 
 
 def create_app(settings: Settings | None = None) -> Flask:

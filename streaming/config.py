@@ -7,6 +7,7 @@ the master process without importing anything that gevent must patch first.
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass, fields
 
 
@@ -48,6 +49,15 @@ class Settings:
     def __post_init__(self) -> None:
         if self.resume_grace_s is None:  # an EventSource waits `retry` before it reconnects
             object.__setattr__(self, "resume_grace_s", 2 * self.sse_retry_ms / 1000)
+
+    @classmethod
+    def from_config(cls, config: Mapping, environ: os._Environ | dict | None = None) -> Settings:
+        """Each field from a Flask app's config (the same upper-case names, any value that reads
+        back as the field's type), else from the environment."""
+        environ = os.environ if environ is None else environ
+        names = {field.name.upper() for field in fields(cls)}
+        given = {name: str(value) for name, value in config.items() if name in names and value is not None}
+        return cls.from_env({**environ, **given})
 
     @classmethod
     def from_env(cls, environ: os._Environ | dict | None = None) -> Settings:

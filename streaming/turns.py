@@ -251,10 +251,14 @@ def streamed(answer: Answer, framing: Framing, offset: int = 0) -> Response:
                           answer.message_id)
 
 
-def streamed_bytes(body: Iterator[bytes], framing: Framing, conversation_id: str, message_id: str) -> Response:
+def streamed_bytes(body: Iterator[bytes], framing: Framing, conversation_id: str | None,
+                   message_id: str) -> Response:
     """The body is bytes already, so Werkzeug passes it straight to the server (`direct_passthrough`)
-    instead of wrapping it in two more layers of iteration that every write would go through."""
-    headers = {**STREAM_HEADERS, "X-Conversation-Id": conversation_id, "X-Message-Id": message_id}
+    instead of wrapping it in two more layers of iteration that every write would go through.
+    (`stream_response()`'s answers belong to no conversation.)"""
+    headers = {**STREAM_HEADERS, "X-Message-Id": message_id}
+    if conversation_id is not None:
+        headers["X-Conversation-Id"] = conversation_id
     return Response(stream_with_context(body), content_type=framing.media_type, headers=headers,
                     direct_passthrough=True)
 

@@ -79,15 +79,22 @@ def start_server(tmp_path: Path, worker_class: str, env: dict | None = None, db:
         "RESUME_GRACE_S": "0",
         **(env or {}),
     }
-    log = tmp_path / f"gunicorn-{worker_class}-{port}.log"
+    return start_gunicorn(tmp_path, ["-c", "gunicorn.conf.py", "app:app"], port, full_env)
+
+
+def start_gunicorn(tmp_path: Path, args: list[str], port: int, env: dict, cwd: Path = ROOT,
+                   python: str = sys.executable) -> Server:
+    """gunicorn with `args`, listening on `port` (which `args` or `env` must name), once it answers
+    `/healthz` with a 2xx."""
+    log = tmp_path / f"gunicorn-{env.get('WORKER_CLASS', '')}-{port}.log"
     process = subprocess.Popen(
-        [sys.executable, "-m", "gunicorn", "-c", "gunicorn.conf.py", "--no-control-socket", "app:app"],
-        cwd=ROOT,
-        env=full_env,
+        [python, "-m", "gunicorn", "--no-control-socket", *args],
+        cwd=cwd,
+        env=env,
         stdout=log.open("wb"),
         stderr=subprocess.STDOUT,
     )
-    server = Server(f"http://127.0.0.1:{port}", process, log, full_env)
+    server = Server(f"http://127.0.0.1:{port}", process, log, env)
 
     def healthy() -> bool:
         if process.poll() is not None:
