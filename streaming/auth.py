@@ -1,8 +1,10 @@
-"""API keys (`API_KEYS`) and request ids.
+"""API keys (`API_KEYS`), or the host app's own login (`identify`), and request ids.
 
 With keys configured, every endpoint but the public ones wants `Authorization: Bearer <key>`.
 Keys are compared in constant time and never logged: logs and the store know a key by its id,
-the first characters of its SHA-256. Without keys the service is open, for local use.
+the first characters of its SHA-256. Without keys the service is open, for local use. In a host
+app, `identify()` names the owner of the request's conversations instead (a logged-in user's id):
+no owner, no answer.
 """
 
 from __future__ import annotations
@@ -11,8 +13,9 @@ import hashlib
 import hmac
 import re
 import uuid
+from collections.abc import Callable
 
-from flask import Flask, g, request
+from flask import Blueprint, Flask, g, request
 
 from .errors import ApiError
 
@@ -25,18 +28,32 @@ def key_id(key: str) -> str:
     return hashlib.sha256(key.encode()).hexdigest()[:8]
 
 
-def init_app(app: Flask, api_keys: str) -> None:
-    keys = [key.strip().encode() for key in api_keys.split(",") if key.strip()]
-    app.config["AUTH"] = "api_key" if keys else "open"
+def public() -> bool:
+    """Whether the request is for an endpoint anyone may use (the endpoints are named within the
+    `streaming` blueprint, whose hooks are the only ones that ask)."""
+    if request.endpoint is None:
+        return True
+    last = request.endpoint.rsplit(".", 1)[-1]
+    return last in PUBLIC_ENDPOINTS or (request.blueprint or "").rsplit(".", 1)[-1] in PUBLIC_BLUEPRINTS
+
+
+def init_app(app: Flask | Blueprint, api_keys: str, identify: Callable[[], object] | None = None) -> str:
+    """Check every request of `app` (the service's blueprint); return how: "api_key", "open" or
+    "identify"."""
+    keys = [] if identify else [key.strip().encode() for key in api_keys.split(",") if key.strip()]
 
     @app.before_request
-    def identify() -> None:
+    def authenticate() -> None:
         incoming = request.headers.get("X-Request-Id", "")
         g.request_id = incoming if _REQUEST_ID.fullmatch(incoming) else uuid.uuid4().hex
         g.key_id = ""
-        if not keys or request.endpoint is None or request.endpoint in PUBLIC_ENDPOINTS:
+        if identify is not None:
+            owner = identify()
+            if owner is None and not public():
+                raise ApiError(401, "unauthorized", "sign in first")
+            g.key_id = "" if owner is None else str(owner)
             return
-        if request.blueprint in PUBLIC_BLUEPRINTS:
+        if not keys or public():
             return
         scheme, _, token = request.headers.get("Authorization", "").partition(" ")
         if scheme.lower() != "bearer" or not token.strip():
@@ -51,3 +68,5 @@ def init_app(app: Flask, api_keys: str) -> None:
     def tag(response):
         response.headers["X-Request-Id"] = g.get("request_id", "")
         return response
+
+    return "identify" if identify else "api_key" if keys else "open"

@@ -63,6 +63,7 @@ class Service:
     live_log: LiveLog
     live: dict[str, Answer] = field(default_factory=dict)
     worker: str = ""  # host:pid:nonce, this process's name in the store's leases
+    url_prefix: str = ""  # where the app mounts the service ("" at its root)
     leaser: Leaser = field(init=False)
     _pid: int = 0
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
