@@ -17,6 +17,10 @@ class Settings:
     llm_model: str = ""
     openai_api_key: str = ""
     openai_base_url: str = ""
+    anthropic_api_key: str = ""
+    anthropic_base_url: str = ""
+    anthropic_max_tokens: int = 4096  # the Messages API wants a limit: this one when a request sets none
+    anthropic_thinking_tokens: int = 0  # extended thinking's budget (reasoning events); 0: off
     database_url: str = ""
     database_pool_size: int = 4  # PostgreSQL connections per worker process
     redis_url: str = ""  # live answers, stops and rate limits shared by every host through Redis
