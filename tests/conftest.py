@@ -83,9 +83,9 @@ def start_server(tmp_path: Path, worker_class: str, env: dict | None = None, db:
 
 
 def start_gunicorn(tmp_path: Path, args: list[str], port: int, env: dict, cwd: Path = ROOT,
-                   python: str = sys.executable) -> Server:
+                   python: str = sys.executable, ready: str = "/healthz") -> Server:
     """gunicorn with `args`, listening on `port` (which `args` or `env` must name), once it answers
-    `/healthz` with a 2xx."""
+    `ready` with a 2xx (its headers: the body may be a stream)."""
     log = tmp_path / f"gunicorn-{env.get('WORKER_CLASS', '')}-{port}.log"
     process = subprocess.Popen(
         [python, "-m", "gunicorn", "--no-control-socket", *args],
@@ -100,11 +100,12 @@ def start_gunicorn(tmp_path: Path, args: list[str], port: int, env: dict, cwd: P
         if process.poll() is not None:
             raise AssertionError(f"gunicorn exited:\n{log.read_text()}")
         try:
-            return requests.get(server.url + "/healthz", timeout=5).ok
+            with requests.get(server.url + ready, timeout=5, stream=True) as response:
+                return response.ok
         except requests.RequestException:  # not listening yet, or slow to boot on a busy machine
             return False
 
-    wait_for(healthy, timeout=30, what="gunicorn to answer /healthz")
+    wait_for(healthy, timeout=30, what=f"gunicorn to answer {ready}")
     return server
 
 

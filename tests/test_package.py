@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
 import sys
@@ -10,8 +11,10 @@ import zipfile
 from pathlib import Path
 
 import pytest
+import requests
 
-from .conftest import ROOT
+from .conftest import ROOT, Server, free_port, start_gunicorn, wait_for
+from .streams import read_sse
 
 
 def quietly(command: list) -> None:
@@ -70,3 +73,63 @@ app = streaming.create_app()  # the service's own app sets up its logging, and o
 assert logging.getLogger("streaming.streams").handlers
 """)
     assert str(venv) in out  # the installed copy, not this tree's
+
+
+@pytest.fixture
+def example(venv, tmp_path):
+    """`example(module, **env)`: examples/<module>.py under the venv's gunicorn (gevent), run from
+    a folder holding only the examples, so that `streaming` can come from the wheel alone."""
+    shutil.copytree(ROOT / "examples", tmp_path / "examples")
+    servers: list[Server] = []
+
+    def start(module: str, ready: str, **env: str) -> Server:
+        port = free_port()
+        full_env = {**os.environ, "DEMO_TTFT_MS": "0", "DEMO_TOKENS_PER_S": "0", **env}
+        full_env.pop("PYTHONPATH", None)
+        server = start_gunicorn(tmp_path, ["-k", "gevent", "-b", f"127.0.0.1:{port}", f"{module}:app"], port,
+                                full_env, cwd=tmp_path / "examples", python=str(venv / "bin" / "python"),
+                                ready=ready)
+        servers.append(server)
+        return server
+
+    yield start
+    for server in servers:
+        server.stop()
+
+
+def test_the_login_example_keeps_each_users_conversations_apart(example):
+    server = example("login_app", "/")
+    alice, bob = requests.Session(), requests.Session()
+    assert alice.post(server.url + "/ai/chat/blocking", json={"prompt": "hi"}, timeout=30).status_code == 401
+    alice.get(server.url + "/login?user=alice", timeout=30)
+    bob.get(server.url + "/login?user=bob", timeout=30)
+    got = read_sse(server.url + "/ai/chat/sse", json_body={"prompt": "alice asks"}, headers=cookies(alice))
+    conversation_id = got.events[0]["conversation_id"]
+    assert got.events[-1]["type"] == "done"
+    listed = alice.get(server.url + "/ai/conversations", timeout=30).json()["conversations"]
+    assert [c["id"] for c in listed] == [conversation_id]
+    assert bob.get(server.url + "/ai/conversations", timeout=30).json()["conversations"] == []
+    assert bob.get(server.url + f"/ai/conversations/{conversation_id}", timeout=30).status_code == 404
+    page = alice.get(server.url + "/ai/", timeout=30)
+    assert 'data-base="/ai"' in page.text
+    assert alice.get(server.url + "/ai/static/app.js", timeout=30).status_code == 200  # from the wheel
+
+
+def cookies(session: requests.Session) -> dict:
+    return {"Cookie": "; ".join(f"{name}={value}" for name, value in session.cookies.items())}
+
+
+def test_the_stream_example_heartbeats_and_closes_its_generator(example):
+    server = example("stream_app", "/story")
+    wait_for(lambda: "the generator was closed" in server.log.read_text(), what="the readiness probe's generator")
+    probes = server.log.read_text().count("the generator was closed")
+    response = requests.get(server.url + "/story", stream=True, timeout=30)
+    seen = b""
+    for chunk in response.raw.stream(65536, decode_content=False):
+        seen += chunk
+        if b"event: delta" in seen:
+            break
+    assert b": ping\n\n" in seen.split(b"event: delta")[0]  # heartbeats while the generator slept
+    response.close()  # the client leaves mid-story
+    wait_for(lambda: server.log.read_text().count("the generator was closed") > probes,
+             what="the generator's finally")
