@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import ipaddress
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass, fields
 
 
@@ -17,6 +18,10 @@ class Settings:
     llm_model: str = ""
     openai_api_key: str = ""
     openai_base_url: str = ""
+    anthropic_api_key: str = ""
+    anthropic_base_url: str = ""
+    anthropic_max_tokens: int = 4096  # the Messages API wants a limit: this one when a request sets none
+    anthropic_thinking_tokens: int = 0  # extended thinking's budget (reasoning events); 0: off
     database_url: str = ""
     database_pool_size: int = 4  # PostgreSQL connections per worker process
     redis_url: str = ""  # live answers, stops and rate limits shared by every host through Redis
@@ -82,6 +87,15 @@ class Settings:
         return (f"refusing to start: LLM_PROVIDER={self.llm_provider} with no API_KEYS would be open to anyone who"
                 f" reaches {', '.join(exposed)}; set API_KEYS, listen on loopback (HOST=127.0.0.1),"
                 " or set ALLOW_OPEN=1 if it is meant to be open")
+
+    @classmethod
+    def from_config(cls, config: Mapping, environ: os._Environ | dict | None = None) -> Settings:
+        """Each field from a Flask app's config (the same upper-case names, any value that reads
+        back as the field's type), else from the environment."""
+        environ = os.environ if environ is None else environ
+        names = {field.name.upper() for field in fields(cls)}
+        given = {name: str(value) for name, value in config.items() if name in names and value is not None}
+        return cls.from_env({**environ, **given})
 
     @classmethod
     def from_env(cls, environ: os._Environ | dict | None = None) -> Settings:

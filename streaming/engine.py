@@ -28,7 +28,7 @@ import time
 from collections.abc import Callable, Iterator
 
 from .config import Settings
-from .providers.base import Finish, ProviderError, Reasoning, Reply, Usage
+from .providers.base import Finish, ProviderError, Reasoning, Reply, Status, Usage
 from .store import Log
 from .threads import start_thread
 from .wire import Framing
@@ -53,8 +53,8 @@ class Answer:
         reply: Reply,
         *,
         message_id: str,
-        conversation_id: str,
-        model: str,
+        conversation_id: str | None,
+        model: str | None,
         settings: Settings,
         on_end: Callable[[Answer, Log], None] | None = None,
         context: dict | None = None,
@@ -112,6 +112,8 @@ class Answer:
                 elif isinstance(chunk, Finish):
                     self.finish_reason = chunk.reason
                     self._finish(None)  # now: the reply may still read the end of its body
+                elif isinstance(chunk, Status):
+                    self._append({"type": "status", "stage": chunk.stage}, token=False)
         except ProviderError as exc:
             error = {"code": exc.code, "message": exc.message}
         except Exception:
@@ -143,12 +145,12 @@ class Answer:
             self._end(terminal)
         self.saved.set()
 
-    def _append(self, event: dict | str) -> None:
+    def _append(self, event: dict | str, token: bool = True) -> None:
         now = time.monotonic()
         with self._lock:
             if self.ended:
                 return
-            if self.first_token_at is None:
+            if self.first_token_at is None and token:
                 self.first_token_at = now
             self.last_upstream_at = now
             self._log.append(event)

@@ -13,9 +13,9 @@ from __future__ import annotations
 import threading
 import time
 
-from flask import Flask, g, request
+from flask import Blueprint, Flask, g
 
-from .auth import PUBLIC_BLUEPRINTS, PUBLIC_ENDPOINTS
+from .auth import public
 from .config import Settings
 from .errors import ApiError
 from .store import FailureLog
@@ -55,7 +55,7 @@ class RedisCounter:
             return 0
 
 
-def init_app(app: Flask, settings: Settings) -> None:
+def init_app(app: Flask | Blueprint, settings: Settings) -> None:
     limit = settings.rate_limit_per_min
     if limit <= 0:
         return
@@ -63,7 +63,7 @@ def init_app(app: Flask, settings: Settings) -> None:
 
     @app.before_request
     def rate_limit() -> None:
-        if not g.get("key_id") or request.endpoint in PUBLIC_ENDPOINTS or request.blueprint in PUBLIC_BLUEPRINTS:
+        if not g.get("key_id") or public():
             return
         now = time.time()
         window = int(now // WINDOW_S)

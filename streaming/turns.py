@@ -40,12 +40,17 @@ INTERRUPTIONS = (INTERRUPTED, SHUTDOWN, STOPPED)  # an answer cut short, saved a
 log = logging.getLogger(__name__)
 
 stream_log = logging.getLogger("streaming.streams")
-if not stream_log.handlers:  # one JSON line per stream, to stdout as Heroku expects
-    _handler = logging.StreamHandler(sys.stdout)
-    _handler.setFormatter(logging.Formatter("%(message)s"))
-    stream_log.addHandler(_handler)
-    stream_log.setLevel(logging.INFO)
-    stream_log.propagate = False
+
+
+def log_streams_to_stdout() -> None:
+    """One JSON line per stream, to stdout as Heroku expects: the service's own logging, set up by
+    `create_app()`. In a host app the lines go wherever its logging sends `streaming.streams`."""
+    if not stream_log.handlers:
+        handler = logging.StreamHandler(sys.stdout)
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        stream_log.addHandler(handler)
+        stream_log.setLevel(logging.INFO)
+        stream_log.propagate = False
 
 
 @dataclass
@@ -58,6 +63,7 @@ class Service:
     live_log: LiveLog
     live: dict[str, Answer] = field(default_factory=dict)
     worker: str = ""  # host:pid:nonce, this process's name in the store's leases
+    url_prefix: str = ""  # where the app mounts the service ("" at its root)
     leaser: Leaser = field(init=False)
     _pid: int = 0
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
@@ -255,10 +261,14 @@ def streamed(answer: Answer, framing: Framing, offset: int = 0) -> Response:
                           answer.message_id)
 
 
-def streamed_bytes(body: Iterator[bytes], framing: Framing, conversation_id: str, message_id: str) -> Response:
+def streamed_bytes(body: Iterator[bytes], framing: Framing, conversation_id: str | None,
+                   message_id: str) -> Response:
     """The body is bytes already, so Werkzeug passes it straight to the server (`direct_passthrough`)
-    instead of wrapping it in two more layers of iteration that every write would go through."""
-    headers = {**STREAM_HEADERS, "X-Conversation-Id": conversation_id, "X-Message-Id": message_id}
+    instead of wrapping it in two more layers of iteration that every write would go through.
+    (`stream_response()`'s answers belong to no conversation.)"""
+    headers = {**STREAM_HEADERS, "X-Message-Id": message_id}
+    if conversation_id is not None:
+        headers["X-Conversation-Id"] = conversation_id
     return Response(stream_with_context(body), content_type=framing.media_type, headers=headers,
                     direct_passthrough=True)
 

@@ -1,15 +1,16 @@
 """The chat page: one HTML page that talks to the API like any other client.
 
-The page is `templates/index.html` with `static/app.js` and `static/style.css`, served from the
-app's own `templates/` and `static/` folders (Flask's defaults for the `streaming` package): no
-build step and nothing from a CDN. The page's Content-Security-Policy allows scripts, styles and
-connections to this origin only, and no inline script or style at all, so that even text that
-slipped into the page as markup could not run.
+The page is `templates/streaming/index.html` with `static/app.js` and `static/style.css`, served
+from the `streaming` blueprint's folders (see `extension`), under the prefix the API is mounted
+at, which the page tells its script: no build step and nothing from a CDN. The page's
+Content-Security-Policy allows scripts, styles and connections to this origin only, and no
+inline script or style at all, so that even text that slipped into the page as markup could not
+run.
 """
 
 from __future__ import annotations
 
-from flask import Blueprint, Response, render_template
+from flask import Blueprint, Response, render_template, url_for
 
 bp = Blueprint("ui", __name__)
 
@@ -29,7 +30,7 @@ CSP = "; ".join(
 
 @bp.get("/")
 def index():
-    return render_template("index.html")
+    return render_template("streaming/index.html", base=url_for(".index").rstrip("/"))
 
 
 @bp.after_request

@@ -79,25 +79,33 @@ def start_server(tmp_path: Path, worker_class: str, env: dict | None = None, db:
         "RESUME_GRACE_S": "0",
         **(env or {}),
     }
-    log = tmp_path / f"gunicorn-{worker_class}-{port}.log"
+    return start_gunicorn(tmp_path, ["-c", "gunicorn.conf.py", "app:app"], port, full_env)
+
+
+def start_gunicorn(tmp_path: Path, args: list[str], port: int, env: dict, cwd: Path = ROOT,
+                   python: str = sys.executable, ready: str = "/healthz") -> Server:
+    """gunicorn with `args`, listening on `port` (which `args` or `env` must name), once it answers
+    `ready` with a 2xx (its headers: the body may be a stream)."""
+    log = tmp_path / f"gunicorn-{env.get('WORKER_CLASS', '')}-{port}.log"
     process = subprocess.Popen(
-        [sys.executable, "-m", "gunicorn", "-c", "gunicorn.conf.py", "app:app"],
-        cwd=ROOT,
-        env=full_env,
+        [python, "-m", "gunicorn", *args],
+        cwd=cwd,
+        env=env,
         stdout=log.open("wb"),
         stderr=subprocess.STDOUT,
     )
-    server = Server(f"http://127.0.0.1:{port}", process, log, full_env)
+    server = Server(f"http://127.0.0.1:{port}", process, log, env)
 
     def healthy() -> bool:
         if process.poll() is not None:
             raise AssertionError(f"gunicorn exited:\n{log.read_text()}")
         try:
-            return requests.get(server.url + "/healthz", timeout=5).ok
+            with requests.get(server.url + ready, timeout=5, stream=True) as response:
+                return response.ok
         except requests.RequestException:  # not listening yet, or slow to boot on a busy machine
             return False
 
-    wait_for(healthy, timeout=30, what="gunicorn to answer /healthz")
+    wait_for(healthy, timeout=30, what=f"gunicorn to answer {ready}")
     return server
 
 

@@ -38,6 +38,15 @@ Behaviour knobs are plain attributes, read once when a request arrives:
 
 Recordings: ``requests`` (JSON bodies, in arrival order), ``last_authorization``,
 ``closed_by_client``, ``connections`` (accepted), ``active_streams``.
+
+It speaks Anthropic's Messages API too, at ``POST /v1/messages`` (``root_url`` is the SDK's
+``base_url``), with the same answer and knobs: ``message_start``, a ``thinking`` block of
+``reasoning_tokens`` ``thinking_delta`` events, a ``text`` block of ``text_delta`` events,
+``message_delta`` (``stop_reason`` ``end_turn``, or ``max_tokens`` when ``finish_reason`` is
+"length"), ``message_stop``, each as ``event: <type>`` and ``data: <json>``, and a ``ping``
+after the first block starts; ``error_after`` sends an ``event: error`` (``overloaded_error``);
+``fail_status`` answers with Anthropic's error body. Recorded: ``last_api_key`` (``x-api-key``)
+and ``last_anthropic_version``.
 """
 
 from __future__ import annotations
@@ -64,6 +73,15 @@ _ERRORS = {
     403: ("invalid_request_error", "unsupported_country_region_territory"),
     404: ("invalid_request_error", "model_not_found"),
     429: ("requests", "rate_limit_exceeded"),
+}
+
+_ANTHROPIC_ERRORS = {
+    400: "invalid_request_error",
+    401: "authentication_error",
+    403: "permission_error",
+    404: "not_found_error",
+    429: "rate_limit_error",
+    529: "overloaded_error",
 }
 
 _DEFAULTS: dict[str, Any] = {
@@ -107,7 +125,7 @@ class FakeUpstream:
         self._server: _Server | None = None
         self._thread: threading.Thread | None = None
         self._next_id = 0
-        self.base_url = ""
+        self.base_url = self.root_url = ""
 
     # -- lifecycle ---------------------------------------------------------
 
@@ -124,7 +142,8 @@ class FakeUpstream:
         handler = type("Handler", (_Handler,), {"upstream": self})
         self._server = _Server(("127.0.0.1", 0), handler)
         port = self._server.server_address[1]
-        self.base_url = f"http://127.0.0.1:{port}/v1"
+        self.root_url = f"http://127.0.0.1:{port}"
+        self.base_url = f"{self.root_url}/v1"
         self._thread = threading.Thread(
             target=self._server.serve_forever,
             kwargs={"poll_interval": 0.05},
@@ -159,6 +178,8 @@ class FakeUpstream:
             setattr(self, name, value)
         self.requests: list[dict[str, Any]] = []
         self.last_authorization: str | None = None
+        self.last_api_key: str | None = None
+        self.last_anthropic_version: str | None = None
         self.closed_by_client = 0
         self.connections = 0
 
@@ -277,7 +298,8 @@ class _Handler(BaseHTTPRequestHandler):
 
     def do_POST(self) -> None:
         self._note_auth()
-        if self.path.rstrip("/") != "/v1/chat/completions":
+        self.dialect = "anthropic" if self.path.rstrip("/") == "/v1/messages" else "openai"
+        if self.path.rstrip("/") not in ("/v1/chat/completions", "/v1/messages"):
             self._send_error(404, f"Unknown path {self.path}")
             return
         try:
@@ -294,7 +316,7 @@ class _Handler(BaseHTTPRequestHandler):
         if status is not None:
             self._send_error(status, f"Fake upstream failure {status} ({SECRET_DETAIL})")
         elif body.get("stream"):
-            self._stream(body)
+            self._stream(body, self._messages_body if self.dialect == "anthropic" else self._stream_body)
         else:
             self._complete(body)
 
@@ -304,6 +326,9 @@ class _Handler(BaseHTTPRequestHandler):
         auth = self.headers.get("Authorization")
         if auth is not None:
             self.upstream.last_authorization = auth
+        self.upstream.last_api_key = self.headers.get("x-api-key", self.upstream.last_api_key)
+        self.upstream.last_anthropic_version = self.headers.get("anthropic-version",
+                                                                self.upstream.last_anthropic_version)
 
     def _send_json(self, status: int, payload: Any) -> None:
         data = json.dumps(payload).encode()
@@ -320,6 +345,10 @@ class _Handler(BaseHTTPRequestHandler):
             self.upstream._note_client_gone()
 
     def _send_error(self, status: int, message: str) -> None:
+        if getattr(self, "dialect", "openai") == "anthropic":
+            kind = _ANTHROPIC_ERRORS.get(status, "api_error")
+            self._send_json(status, {"type": "error", "error": {"type": kind, "message": message}})
+            return
         err_type, code = _ERRORS.get(status, ("server_error", None))
         self._send_json(status, _error_body(message, err_type, code))
 
@@ -365,13 +394,13 @@ class _Handler(BaseHTTPRequestHandler):
 
     # -- streaming ---------------------------------------------------------
 
-    def _stream(self, body: dict[str, Any]) -> None:
+    def _stream(self, body: dict[str, Any], stream_body: Callable[[dict[str, Any]], bool]) -> None:
         up = self.upstream
         up._bump("active_streams")
         self.chunked = bool(up.keep_alive)
         whole = False
         try:
-            whole = self._stream_body(body)
+            whole = stream_body(body)
         except ClientGone:
             up._note_client_gone()
         finally:
@@ -405,18 +434,7 @@ class _Handler(BaseHTTPRequestHandler):
             }
             return dict(base, choices=[choice], **({"usage": None} if include_usage else {}))
 
-        self.send_response(200)
-        self.send_header("Content-Type", "text/event-stream; charset=utf-8")
-        self.send_header("Cache-Control", "no-cache")
-        if self.chunked:
-            self.send_header("Transfer-Encoding", "chunked")
-        else:
-            self.send_header("Connection", "close")
-        try:
-            self.end_headers()
-        except (BrokenPipeError, ConnectionResetError, ConnectionAbortedError) as exc:
-            raise ClientGone from exc
-        self._pause(float(self.knobs["ttft_s"]))
+        self._stream_headers()
         self._send_frame(chunk({"role": "assistant", "content": ""}))
 
         steps = [("reasoning_content", "think ")] * n_reasoning + [("content", t) for t in toks]
@@ -451,6 +469,68 @@ class _Handler(BaseHTTPRequestHandler):
             self._write_raw(b"")  # the last chunk
         return True
 
+    def _stream_headers(self) -> None:
+        """The stream's status and headers, then the pause before its first frame."""
+        self.send_response(200)
+        self.send_header("Content-Type", "text/event-stream; charset=utf-8")
+        self.send_header("Cache-Control", "no-cache")
+        if self.chunked:
+            self.send_header("Transfer-Encoding", "chunked")
+        else:
+            self.send_header("Connection", "close")
+        try:
+            self.end_headers()
+        except (BrokenPipeError, ConnectionResetError, ConnectionAbortedError) as exc:
+            raise ClientGone from exc
+        self._pause(float(self.knobs["ttft_s"]))
+
+    def _messages_body(self, body: dict[str, Any]) -> bool:
+        """An Anthropic Messages stream; True when it ended with ``message_stop``."""
+        up = self.upstream
+        self.knobs = {name: getattr(up, name) for name in _DEFAULTS}
+        toks = answer_tokens(_last_user_text(body.get("messages")), int(up.tokens))
+        n_thinking = int(self.knobs["reasoning_tokens"])
+        rate = float(self.knobs["tokens_per_s"])
+        prompt = _prompt_tokens(body.get("messages")) + len(str(body.get("system") or "").split())
+        self._stream_headers()
+        message = {"id": up._new_id().replace("chatcmpl-", "msg_"), "type": "message", "role": "assistant",
+                   "content": [], "model": body.get("model") or "fake-model", "stop_reason": None,
+                   "stop_sequence": None, "usage": {"input_tokens": prompt, "output_tokens": 1}}
+        self._send_event({"type": "message_start", "message": message})
+        blocks = ([("thinking", ["think "] * n_thinking)] if n_thinking else []) + [("text", toks)]
+        start, step, sent = time.monotonic(), 0, 0
+        for index, (kind, texts) in enumerate(blocks):
+            empty = {"type": kind, kind: ""} if kind == "thinking" else {"type": "text", "text": ""}
+            self._send_event({"type": "content_block_start", "index": index, "content_block": empty})
+            if index == 0:
+                self._send_event({"type": "ping"})
+            for text in texts:
+                if kind == "text" and self._fail_midstream(sent):
+                    return False
+                if rate and step:
+                    self._pause(start + step / rate - time.monotonic())
+                delta = {"type": "thinking_delta", "thinking": text} if kind == "thinking" else {
+                    "type": "text_delta", "text": text}
+                self._send_event({"type": "content_block_delta", "index": index, "delta": delta})
+                step, sent = step + 1, sent + (kind == "text")
+            if kind == "thinking":
+                signature = {"type": "signature_delta", "signature": "c2lnbmF0dXJl"}
+                self._send_event({"type": "content_block_delta", "index": index, "delta": signature})
+            elif self._fail_midstream(sent):
+                return False
+            self._send_event({"type": "content_block_stop", "index": index})
+        stop_reason = "max_tokens" if self.knobs["finish_reason"] == "length" else "end_turn"
+        self._send_event({"type": "message_delta", "delta": {"stop_reason": stop_reason, "stop_sequence": None},
+                          "usage": {"output_tokens": len(toks) + n_thinking}})
+        self._send_event({"type": "message_stop"})
+        if self.chunked:
+            self._write_raw(b"")
+        return True
+
+    def _send_event(self, payload: dict[str, Any]) -> None:
+        """One SSE event as Anthropic sends it: ``event: <type>``, then its ``data:``."""
+        self._write_raw(f"event: {payload['type']}\ndata: ".encode() + json.dumps(payload).encode() + b"\n\n")
+
     def _fail_midstream(self, sent: int) -> bool:
         """Apply a failure mode due after ``sent`` content tokens; True if the stream ends here."""
 
@@ -461,6 +541,8 @@ class _Handler(BaseHTTPRequestHandler):
             self._drop(bool(self.knobs["drop_reset"]))
         elif due("hang_after"):
             self._hang()
+        elif due("error_after") and self.dialect == "anthropic":
+            self._send_event({"type": "error", "error": {"type": "overloaded_error", "message": SECRET_DETAIL}})
         elif due("error_after"):
             error = {"message": "boom", "type": "server_error", "code": "server_error"}
             self._send_frame({"error": error})

@@ -10,7 +10,7 @@ import openai
 import pytest
 import requests
 
-from streaming.providers.openai import sse_data
+from streaming.providers.http import sse_data
 
 from .conftest import WORKER_CLASSES, free_port, wait_for
 from .fake_upstream import SECRET_DETAIL, FakeUpstream

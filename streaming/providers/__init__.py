@@ -6,19 +6,30 @@ nothing of HTTP; the engine turns their values into events.
 
 from __future__ import annotations
 
+import importlib
+
 from ..config import Settings
 from .base import Provider
 
 
 def load_provider(settings: Settings) -> Provider:
-    """The provider that `LLM_PROVIDER` names. Imported here, in the worker, so that gevent has
-    patched the standard library before the OpenAI SDK is imported."""
-    if settings.llm_provider == "demo":
+    """The provider that `LLM_PROVIDER` names: `demo`, `openai`, `anthropic`, or a class of your own
+    as `package.module:ClassName`, made with the settings (see docs/providers.md). Imported here,
+    in the worker, so that gevent has patched the standard library before an SDK is imported."""
+    name = settings.llm_provider
+    if name == "demo":
         from .demo import DemoProvider
 
         return DemoProvider(settings)
-    if settings.llm_provider == "openai":
+    if name == "openai":
         from .openai import OpenAIProvider
 
         return OpenAIProvider(settings)
-    raise ValueError(f"LLM_PROVIDER must be 'demo' or 'openai', not {settings.llm_provider!r}")
+    if name == "anthropic":
+        from .anthropic import AnthropicProvider
+
+        return AnthropicProvider(settings)
+    module, _, cls = name.partition(":")
+    if not (module and cls):
+        raise ValueError(f"LLM_PROVIDER must be demo, openai, anthropic or package.module:ClassName, not {name!r}")
+    return getattr(importlib.import_module(module), cls)(settings)

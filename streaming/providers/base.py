@@ -15,6 +15,13 @@ class Reasoning:
 
 
 @dataclass(frozen=True, slots=True)
+class Status:
+    """A progress hint (`stage`: "thinking", "searching", ...), a `status` event: no token."""
+
+    stage: str
+
+
+@dataclass(frozen=True, slots=True)
 class Usage:
     prompt_tokens: int
     completion_tokens: int
@@ -29,7 +36,7 @@ class Finish:
 
 
 # A plain `str` is answer text: the common case stays the cheapest.
-Chunk = str | Reasoning | Usage | Finish
+Chunk = str | Reasoning | Usage | Finish | Status
 
 
 class ProviderError(Exception):

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import json
 import logging
-import socket
 from collections.abc import Iterator
 
 import httpx2
@@ -29,6 +28,7 @@ import openai
 
 from ..config import Settings
 from .base import Chunk, Finish, ProviderError, Reasoning, Usage
+from .http import close_response, sse_data
 
 log = logging.getLogger(__name__)
 
@@ -106,19 +106,6 @@ class OpenAIProvider:
         return OpenAIReply(response)
 
 
-def sse_data(lines: Iterator[str]) -> Iterator[str]:
-    """The `data` of each Server-Sent Event in `lines`; comments and other fields are skipped."""
-    data: list[str] = []
-    for line in lines:
-        if line.startswith("data:"):
-            data.append(line[6:] if line.startswith("data: ") else line[5:])
-        elif not line and data:
-            yield "\n".join(data)
-            data = []
-    if data:
-        yield "\n".join(data)
-
-
 class OpenAIReply:
     def __init__(self, response: httpx2.Response) -> None:
         self._response = response
@@ -171,17 +158,5 @@ class OpenAIReply:
             pass  # the answer is whole; the connection is just not reused
 
     def close(self) -> None:
-        """Release the connection: a response read to its end has closed itself and gone back to
-        the pool; one cut short is shut down, then closed. The shutdown comes first: closing the
-        response from another thread does not wake a thread blocked reading it (under gevent it
-        does; the shutdown is harmless there)."""
         self._closed = True
-        if not self._response.is_closed:
-            network_stream = self._response.extensions.get("network_stream")
-            sock = network_stream and network_stream.get_extra_info("socket")
-            if sock is not None:
-                try:
-                    sock.shutdown(socket.SHUT_RDWR)
-                except OSError:
-                    pass
-        self._response.close()
+        close_response(self._response)

@@ -5,6 +5,7 @@
 
 const $ = (id) => document.getElementById(id);
 const KEY_STORAGE = "chat.apiKey";
+const BASE = document.documentElement.dataset.base || ""; // where the API is mounted: "" or "/ai"
 const PAGE = 50; // conversations listed at a time; "Older conversations" fetches the next ones
 const state = { conversationId: null, controller: null, view: 0, olderThan: null };
 
@@ -23,7 +24,7 @@ function headers(extra = {}) {
 }
 
 async function api(path, options = {}) {
-  const response = await fetch(path, { ...options, headers: headers(options.headers) });
+  const response = await fetch(BASE + path, { ...options, headers: headers(options.headers) });
   if (!response.ok) throw await apiError(response);
   return response;
 }
@@ -407,7 +408,7 @@ async function loadAuthMode() {
   } catch {
     // unknown: keep the default
   }
-  if (auth === "open") $("key-box").hidden = true;
+  if (auth === "open" || auth === "identify") $("key-box").hidden = true; // no key to give
   else showKeyField(auth === "api_key" && !localStorage.getItem(KEY_STORAGE));
 }
 

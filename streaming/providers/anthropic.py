@@ -1,0 +1,164 @@
+"""Anthropic's Messages API, streamed, through the official `anthropic` SDK
+(`LLM_PROVIDER=anthropic`, `ANTHROPIC_API_KEY`, `ANTHROPIC_BASE_URL`).
+
+As for the OpenAI provider, the SDK makes the request (its auth, version header, timeouts and
+errors) with `client.post(..., cast_to=httpx2.Response, stream=True)`, and the events are read
+here as JSON from the response's `data:` lines, without a pydantic model per event. The events:
+`message_start` (the prompt's tokens), `content_block_delta` with a `text_delta` (answer text)
+or a `thinking_delta` (reasoning, when `ANTHROPIC_THINKING_TOKENS` asks for it), `message_delta`
+(the stop reason and the answer's tokens), `message_stop`, `ping`, and `error`. System messages
+become the request's `system`.
+
+SDK errors become `ProviderError`s with the service's codes and messages of its own: nothing of
+an upstream's body is passed on.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Iterator
+
+import anthropic
+import httpx2
+
+from ..config import Settings
+from .base import Chunk, Finish, ProviderError, Reasoning, Usage
+from .http import close_response, sse_data
+
+log = logging.getLogger(__name__)
+
+# Anthropic's stop reasons, as OpenAI's finish reasons (the `done` event's vocabulary).
+FINISH = {"end_turn": "stop", "stop_sequence": "stop", "pause_turn": "stop", "max_tokens": "length",
+          "model_context_window_exceeded": "length", "tool_use": "tool_calls", "refusal": "content_filter"}
+
+
+def provider_error(exc: Exception) -> ProviderError:
+    """A stable code, status and safe message for what the SDK raised."""
+    if isinstance(exc, anthropic.APITimeoutError):
+        return ProviderError("upstream_timeout", "the model server did not answer in time")
+    if isinstance(exc, anthropic.APIConnectionError):
+        return ProviderError("upstream_unavailable", "the model server could not be reached")
+    if isinstance(exc, anthropic.RateLimitError):
+        return ProviderError("rate_limited", "the model server is rate limiting; retry later", 429)
+    if isinstance(exc, anthropic.OverloadedError):
+        return ProviderError("upstream_unavailable", "the model server is overloaded; retry later")
+    if isinstance(exc, anthropic.NotFoundError):
+        return ProviderError("invalid_request", "the model server has no such model", 400)
+    if isinstance(exc, (anthropic.BadRequestError, anthropic.UnprocessableEntityError)):
+        return ProviderError("invalid_request", "the model server rejected the request", 400)
+    if isinstance(exc, (anthropic.AuthenticationError, anthropic.PermissionDeniedError)):
+        return ProviderError("upstream_error", "the model server refused this service's credentials")
+    if isinstance(exc, anthropic.APIStatusError):
+        return ProviderError("upstream_error", f"the model server failed (HTTP {exc.status_code})")
+    return ProviderError("upstream_error", "the model server sent a broken or failed stream")
+
+
+def mid_answer_error(error: object) -> ProviderError:
+    """An `error` event: `overloaded_error` (a 529 before the stream) is worth a retry."""
+    if isinstance(error, dict) and error.get("type") == "overloaded_error":
+        return ProviderError("upstream_unavailable", "the model server is overloaded; retry later")
+    return ProviderError("upstream_error", "the model server failed mid-answer")
+
+
+class AnthropicProvider:
+    name = "anthropic"
+
+    def __init__(self, settings: Settings) -> None:
+        self.default_model = settings.llm_model or "claude-sonnet-4-5"
+        self.max_tokens = settings.anthropic_max_tokens
+        self.thinking_tokens = settings.anthropic_thinking_tokens
+        self.body_read_timeout_s = max(settings.first_token_timeout_s, settings.idle_timeout_s) + 5
+        self.client = anthropic.Anthropic(
+            api_key=settings.anthropic_api_key or "no-key",
+            base_url=settings.anthropic_base_url or None,
+            timeout=anthropic.Timeout(settings.first_token_timeout_s, connect=10.0),  # until the headers
+            max_retries=0,  # as for OpenAI: a refusal goes to our client, whose own SDK retries it
+        )
+
+    def models(self) -> list[str]:
+        try:
+            return [m.id for m in self.client.models.list()]
+        except anthropic.AnthropicError:
+            return [self.default_model]
+
+    def accepts(self, model: str) -> bool:
+        """Any name, as for OpenAI: the upstream says which it has not (`model_not_found`)."""
+        return True
+
+    def stream(self, messages: list[dict], params: dict) -> AnthropicReply:
+        system = "\n\n".join(m["content"] for m in messages if m["role"] == "system")
+        body: dict = {
+            "model": params["model"],
+            "max_tokens": params.get("max_tokens") or self.max_tokens,
+            "messages": [m for m in messages if m["role"] != "system"],
+            "stream": True,
+        }
+        if system:
+            body["system"] = system
+        if "temperature" in params:
+            body["temperature"] = params["temperature"]
+        if self.thinking_tokens:
+            body["thinking"] = {"type": "enabled", "budget_tokens": self.thinking_tokens}
+        try:
+            response = self.client.post("/v1/messages", cast_to=httpx2.Response, body=body, stream=True)
+        except anthropic.AnthropicError as exc:
+            log.warning("upstream refused the request: %s", type(exc).__name__)
+            raise provider_error(exc) from None
+        response.request.extensions["timeout"]["read"] = self.body_read_timeout_s
+        return AnthropicReply(response)
+
+
+class AnthropicReply:
+    def __init__(self, response: httpx2.Response) -> None:
+        self._response = response
+        self._closed = False
+
+    def __iter__(self) -> Iterator[Chunk]:
+        prompt_tokens = completion_tokens = 0
+        finish = None
+        events = sse_data(self._response.iter_lines())
+        try:
+            for data in events:
+                event = json.loads(data)
+                kind = event.get("type")
+                if kind == "content_block_delta":
+                    delta = event["delta"]
+                    if delta.get("type") == "text_delta" and delta["text"]:
+                        yield delta["text"]
+                    elif delta.get("type") == "thinking_delta" and delta["thinking"]:
+                        yield Reasoning(delta["thinking"])
+                elif kind == "message_start":
+                    usage = event["message"].get("usage") or {}
+                    prompt_tokens = usage.get("input_tokens", 0)
+                    completion_tokens = usage.get("output_tokens", 0)
+                elif kind == "message_delta":
+                    completion_tokens = (event.get("usage") or {}).get("output_tokens", completion_tokens)
+                    reason = (event.get("delta") or {}).get("stop_reason")
+                    finish = FINISH.get(reason, "stop") if reason else finish
+                elif kind == "message_stop":
+                    break
+                elif kind == "error":
+                    raise mid_answer_error(event.get("error"))
+        except ProviderError:
+            raise
+        except Exception as exc:
+            if self._closed:
+                return  # closed on purpose: the engine already knows why
+            log.warning("upstream stream failed: %s", type(exc).__name__)
+            raise provider_error(exc) from None
+        if self._closed:
+            return
+        if finish is None:  # the body ended (the socket closed) before the answer did
+            raise ProviderError("upstream_error", "the model server closed the stream before the answer was complete")
+        yield Usage(prompt_tokens, completion_tokens)
+        yield Finish(finish)
+        try:
+            for _ in events:  # the end of the body: the connection can then be used again
+                pass
+        except Exception:
+            pass  # the answer is whole; the connection is just not reused
+
+    def close(self) -> None:
+        self._closed = True
+        close_response(self._response)
