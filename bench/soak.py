@@ -245,7 +245,7 @@ def minute_rows(records: list[Record]) -> list[dict]:
     rows = []
     for minute in range(int(max((r.started for r in records), default=0) // 60) + 1):
         mine = [r for r in records if minute * 60 <= r.started < (minute + 1) * 60]
-        streamed = [r for r in mine if r.kind != "bad"]
+        streamed = [r for r in mine if r.kind not in ("bad", "v1 whole")]  # a whole answer's first byte is its end
         rows.append({
             "minute": minute + 1,
             "requests": len(mine),

@@ -107,6 +107,9 @@ class EchoProvider:
     def models(self) -> list[str]:
         return [self.default_model]
 
+    def accepts(self, model: str) -> bool:
+        return model in self.models()
+
     def stream(self, messages: list[dict], params: dict):
         return EchoReply(messages[-1]["content"][::-1])
 

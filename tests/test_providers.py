@@ -30,7 +30,7 @@ def test_relays_text_thinking_and_usage(serve, upstream):
     assert "".join(e["text"] for e in got.of("reasoning")) == "think think "
     done = got.events[-1]
     assert done["type"] == "done" and done["finish_reason"] == "stop"
-    assert done["usage"] == {"prompt_tokens": 4, "completion_tokens": 14}  # as the upstream counted them
+    assert done["usage"] == {"prompt_tokens": 4, "completion_tokens": 14, "total_tokens": 18}  # as counted upstream
     sent = upstream.requests[-1]
     assert sent["stream"] is True and sent["model"] == "fake-claude" and sent["max_tokens"] == 50
     assert sent["system"] == "be brief" and [m["role"] for m in sent["messages"]] == ["user"]
