@@ -24,34 +24,13 @@ import httpx2
 
 from ..config import Settings
 from .base import Chunk, Finish, ProviderError, Reasoning, Usage
-from .http import close_response, sse_data
+from .http import close_response, sdk_error, sse_data
 
 log = logging.getLogger(__name__)
 
 # Anthropic's stop reasons, as OpenAI's finish reasons (the `done` event's vocabulary).
 FINISH = {"end_turn": "stop", "stop_sequence": "stop", "pause_turn": "stop", "max_tokens": "length",
           "model_context_window_exceeded": "length", "tool_use": "tool_calls", "refusal": "content_filter"}
-
-
-def provider_error(exc: Exception) -> ProviderError:
-    """A stable code, status and safe message for what the SDK raised."""
-    if isinstance(exc, anthropic.APITimeoutError):
-        return ProviderError("upstream_timeout", "the model server did not answer in time")
-    if isinstance(exc, anthropic.APIConnectionError):
-        return ProviderError("upstream_unavailable", "the model server could not be reached")
-    if isinstance(exc, anthropic.RateLimitError):
-        return ProviderError("rate_limited", "the model server is rate limiting; retry later", 429)
-    if isinstance(exc, anthropic.OverloadedError):
-        return ProviderError("upstream_unavailable", "the model server is overloaded; retry later")
-    if isinstance(exc, anthropic.NotFoundError):
-        return ProviderError("invalid_request", "the model server has no such model", 400)
-    if isinstance(exc, (anthropic.BadRequestError, anthropic.UnprocessableEntityError)):
-        return ProviderError("invalid_request", "the model server rejected the request", 400)
-    if isinstance(exc, (anthropic.AuthenticationError, anthropic.PermissionDeniedError)):
-        return ProviderError("upstream_error", "the model server refused this service's credentials")
-    if isinstance(exc, anthropic.APIStatusError):
-        return ProviderError("upstream_error", f"the model server failed (HTTP {exc.status_code})")
-    return ProviderError("upstream_error", "the model server sent a broken or failed stream")
 
 
 def mid_answer_error(error: object) -> ProviderError:
@@ -104,7 +83,7 @@ class AnthropicProvider:
             response = self.client.post("/v1/messages", cast_to=httpx2.Response, body=body, stream=True)
         except anthropic.AnthropicError as exc:
             log.warning("upstream refused the request: %s", type(exc).__name__)
-            raise provider_error(exc) from None
+            raise sdk_error(exc, anthropic) from None
         response.request.extensions["timeout"]["read"] = self.body_read_timeout_s
         return AnthropicReply(response)
 
@@ -146,7 +125,7 @@ class AnthropicReply:
             if self._closed:
                 return  # closed on purpose: the engine already knows why
             log.warning("upstream stream failed: %s", type(exc).__name__)
-            raise provider_error(exc) from None
+            raise sdk_error(exc, anthropic) from None
         if self._closed:
             return
         if finish is None:  # the body ended (the socket closed) before the answer did

@@ -28,28 +28,9 @@ import openai
 
 from ..config import Settings
 from .base import Chunk, Finish, ProviderError, Reasoning, Usage
-from .http import close_response, sse_data
+from .http import close_response, sdk_error, sse_data
 
 log = logging.getLogger(__name__)
-
-
-def provider_error(exc: Exception) -> ProviderError:
-    """A stable code, status and safe message for what the SDK raised."""
-    if isinstance(exc, openai.APITimeoutError):
-        return ProviderError("upstream_timeout", "the model server did not answer in time")
-    if isinstance(exc, openai.APIConnectionError):
-        return ProviderError("upstream_unavailable", "the model server could not be reached")
-    if isinstance(exc, openai.RateLimitError):
-        return ProviderError("rate_limited", "the model server is rate limiting; retry later", 429)
-    if isinstance(exc, openai.NotFoundError):
-        return ProviderError("model_not_found", "the model server has no such model", 400)
-    if isinstance(exc, (openai.BadRequestError, openai.UnprocessableEntityError)):
-        return ProviderError("invalid_request", "the model server rejected the request", 400)
-    if isinstance(exc, (openai.AuthenticationError, openai.PermissionDeniedError)):
-        return ProviderError("upstream_error", "the model server refused this service's credentials")
-    if isinstance(exc, openai.APIStatusError):
-        return ProviderError("upstream_error", f"the model server failed (HTTP {exc.status_code})")
-    return ProviderError("upstream_error", "the model server sent a broken or failed stream")
 
 
 def mid_answer_error(error: object) -> ProviderError:
@@ -100,7 +81,7 @@ class OpenAIProvider:
                 # Not the client's doing: this service's LLM_MODEL or OPENAI_BASE_URL (without /v1?)
                 raise ProviderError("upstream_error", "the model server has no such model or endpoint: "
                                     "check this service's LLM_MODEL and OPENAI_BASE_URL") from None
-            raise provider_error(exc) from None
+            raise sdk_error(exc, openai) from None
         # httpx's documented per-request timeouts; the body's reads, not begun yet, take theirs.
         response.request.extensions["timeout"]["read"] = self.body_read_timeout_s
         return OpenAIReply(response)
@@ -141,7 +122,7 @@ class OpenAIReply:
             if self._closed:
                 return  # closed on purpose: the engine already knows why
             log.warning("upstream stream failed: %s", type(exc).__name__)
-            raise provider_error(exc) from None
+            raise sdk_error(exc, openai) from None
         if finish is None and done:  # a lenient server that names no reason: the answer is whole
             finish = "stop"
         if finish is None:
