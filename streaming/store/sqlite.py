@@ -173,7 +173,8 @@ class SQLiteStore(SQLStore):
                         db.execute("ROLLBACK TO one")
                         db.execute("RELEASE one")
                     else:  # SQLite rolled the whole transaction back (a full disk, say): all of it failed
-                        group.error, self._group = failure, None
+                        group.error = failure or StoreUnavailable("the transaction was rolled back")
+                        self._group = None
                     if failure is not None:
                         raise failure from None
                     raise
