@@ -24,6 +24,11 @@ LOST_MESSAGE = "the worker producing this answer stopped before the answer was c
 encode_log = json.JSONEncoder(ensure_ascii=False, separators=(",", ":")).encode  # a Log as stored: JSON
 
 
+# `json.dumps(..., ensure_ascii=False)` exactly (the stored digests depend on it), without the
+# encoder that it makes anew on every call.
+_encode_step = json.JSONEncoder(ensure_ascii=False).encode
+
+
 def load_log(stored: str | None) -> Log:
     return json.loads(stored) if stored else []
 
@@ -39,7 +44,7 @@ def text_of(log: Log) -> str:
 
 def chain(digest: str | None, role: str, content: str) -> str:
     """The digest of a conversation's history one message on (see `history_digest`)."""
-    step = json.dumps([digest, role, content], ensure_ascii=False).encode("utf-8", "surrogatepass")
+    step = _encode_step([digest, role, content]).encode("utf-8", "surrogatepass")
     return hashlib.sha256(step).hexdigest()
 
 

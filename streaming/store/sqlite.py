@@ -147,10 +147,10 @@ class SQLiteStore(SQLStore):
 
         Transactions that come together are committed together (group commit): the first one
         begins, gives the others that are ready a turn (`sleep(0)`: one round of the gevent hub)
-        and commits them all with its own. Each runs in a savepoint of its own, so one that fails
-        undoes only itself, and each returns once the commit it is in has happened. A commit's
-        cost is mostly the pages it writes to the log, and the turns that begin together share
-        theirs (see docs/performance.md)."""
+        and commits them all with its own. Each that joins runs in a savepoint of its own, so one
+        that fails undoes only itself, and each returns once the commit it is in has happened. A
+        commit's cost is mostly the pages it writes to the log, and the turns that begin together
+        share theirs (see docs/performance.md)."""
         leader = False
         try:
             with self._lock:
@@ -163,13 +163,18 @@ class SQLiteStore(SQLStore):
                         raise self.failures.failed("BEGIN", exc) from None
                     group = self._group = _Group()
                     leader = True
-                db.execute("SAVEPOINT one")
+                else:  # (the leader needs none: while it runs, its work is all the transaction holds)
+                    db.execute("SAVEPOINT one")
                 try:
                     yield db
-                    db.execute("RELEASE one")
+                    if not leader:
+                        db.execute("RELEASE one")
                 except BaseException as exc:
                     failure = self.failures.failed("a transaction", exc) if isinstance(exc, sqlite3.Error) else None
-                    if db.in_transaction:
+                    if leader and db.in_transaction:  # none has joined yet: undo it all, the group is over
+                        db.execute("ROLLBACK")
+                        self._group = None
+                    elif db.in_transaction:
                         db.execute("ROLLBACK TO one")
                         db.execute("RELEASE one")
                     else:  # SQLite rolled the whole transaction back (a full disk, say): all of it failed
