@@ -50,9 +50,12 @@ class Server:
     def post(self, path: str, **kwargs) -> requests.Response:
         return requests.post(self.url + path, timeout=30, **kwargs)
 
-    def stop(self) -> None:
+    def stop(self, quick: bool = False) -> None:
+        """SIGTERM, a dyno's restart: gunicorn lets requests finish for GRACEFUL_TIMEOUT_S, and an
+        idle keep-alive connection that a client left open holds a worker that long. A `quick`
+        stop (SIGQUIT: the workers exit at once) is for the end of a test that is done with it."""
         if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
+            self.process.send_signal(signal.SIGQUIT if quick else signal.SIGTERM)
             try:
                 self.process.wait(timeout=15)
             except subprocess.TimeoutExpired:
@@ -173,4 +176,4 @@ def serve(tmp_path: Path, database_url: str) -> Iterator[Callable[..., Server]]:
 
     yield start
     for server in servers:
-        server.stop()
+        server.stop(quick=True)

@@ -95,7 +95,7 @@ def example(venv, tmp_path):
 
     yield start
     for server in servers:
-        server.stop()
+        server.stop(quick=True)
 
 
 def test_the_login_example_keeps_each_users_conversations_apart(example):

@@ -32,7 +32,7 @@ def hosts(tmp_path, postgres, redis_server):
 
     yield start
     for server in servers:
-        server.stop()
+        server.stop(quick=True)
 
 
 def seq(event_id: str) -> int:
