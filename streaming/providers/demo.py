@@ -37,6 +37,7 @@ def tokenize(text: str) -> list[str]:
 
 class DemoProvider:
     name = "demo"
+    options = frozenset({"tools", "tool_choice", "parallel_tool_calls"})  # see `tool_calls()`
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
@@ -57,7 +58,7 @@ class DemoProvider:
 class DemoReply:
     def __init__(self, settings: Settings, messages: list[dict], max_tokens: int | None) -> None:
         self.settings = settings
-        self.prompt_tokens = sum(len(tokenize(m["content"])) for m in messages)
+        self.prompt_tokens = sum(len(tokenize(m["content"] or "")) for m in messages)
         turn = sum(1 for m in messages if m["role"] == "user")
         system = next((m["content"] for m in messages if m["role"] == "system"), None)
         self.tokens = answer_tokens(messages[-1]["content"], turn, settings.demo_tokens, system)
