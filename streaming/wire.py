@@ -97,7 +97,8 @@ class SSEFraming:
 
 
 class NDJSONFraming:
-    """One JSON object a line; `index` added when the answer is one item of a batch."""
+    """One JSON object a line; `index` added when the answer is one item of a batch (a tool call
+    event's own `index` is then its `call_index`)."""
 
     media_type = "application/x-ndjson"
     heartbeat = b'{"type":"ping"}\n'
@@ -109,7 +110,8 @@ class NDJSONFraming:
         if self.index is None:
             lines = [event_json(event) for _, event in coalesce(events, offset)]
         else:
-            lines = [_json({**event, "index": self.index}) for _, event in coalesce(events, offset)]
+            lines = [_json({**event, **({"call_index": event["index"]} if "index" in event else {}), "index": self.index})
+                     for _, event in coalesce(events, offset)]
         return ("\n".join(lines) + "\n").encode()
 
 
