@@ -110,9 +110,13 @@ class NDJSONFraming:
         if self.index is None:
             lines = [event_json(event) for _, event in coalesce(events, offset)]
         else:
-            lines = [_json({**event, **({"call_index": event["index"]} if "index" in event else {}), "index": self.index})
-                     for _, event in coalesce(events, offset)]
+            lines = [_json(self._item(event)) for _, event in coalesce(events, offset)]
         return ("\n".join(lines) + "\n").encode()
+
+    def _item(self, event: dict) -> dict:
+        if "index" in event:
+            return {**event, "call_index": event["index"], "index": self.index}
+        return {**event, "index": self.index}
 
 
 class TextFraming:
