@@ -279,13 +279,13 @@ def test_an_agent_loop_over_v1_resending_the_messages(demo):
         fork = client.chat.completions.with_raw_response.create(model="demo", messages=other, tools=TOOLS)
         assert fork.headers["X-Conversation-Id"] != raw.headers["X-Conversation-Id"]
         messages += [message, *({"role": "tool", "tool_call_id": c.id, "content": result}
-                                for c, result in zip(message.tool_calls, results))]
+                                for c, result in zip(message.tool_calls, results, strict=True))]
         with client.chat.completions.with_streaming_response.create(
             model="demo", messages=messages, tools=TOOLS, stream=True
         ) as response:
             answer = "".join(c.choices[0].delta.content or "" for c in response.parse() if c.choices)
             assert response.headers["X-Conversation-Id"] == raw.headers["X-Conversation-Id"]
-        for call, result in zip(message.tool_calls, results):
+        for call, result in zip(message.tool_calls, results, strict=True):
             assert f'The tool {call.function.name} returned: "{result}".' in answer
         messages += [{"role": "assistant", "content": answer}, {"role": "user", "content": "thanks"}]
         third = client.chat.completions.with_raw_response.create(model="demo", messages=messages, tools=TOOLS)
