@@ -335,6 +335,15 @@ def test_batch_items_stream_their_tool_calls_as_ndjson(demo):
     assert done == {0: "tool_calls", 1: "stop"}
 
 
+def test_a_blocking_answer_has_its_tool_calls(demo):
+    whole = demo.post("/chat/blocking", json={"prompt": "get_time", "tools": TOOLS}).json()
+    assert (whole["text"], whole["finish_reason"]) == ("", "tool_calls")
+    (call,) = whole["tool_calls"]
+    valid_calls([(call["function"]["name"], call["function"]["arguments"])], ["get_time"])
+    stored = demo.get(f"/conversations/{whole['conversation_id']}").json()["messages"][-1]
+    assert stored["tool_calls"] == whole["tool_calls"]
+
+
 BAD = [
     ({"prompt": "x", "tools": [WEATHER, {"type": "function", "function": {"name": "a b"}}]}, "tools[1]"),
     ({"prompt": "x", "tools": [{"type": "function", "function": {"name": "f", "parameters": []}}]}, "tools[0]"),
