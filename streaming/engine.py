@@ -82,7 +82,7 @@ class Answer:
         self._lock = threading.Lock()  # for the end of the log and the count of readers
         self._changed = threading.Event()  # set, and replaced, when the log grows
         self._wake_at = math.inf  # when the clock must wake the readers (the first one due)
-        self.tokens = 0  # the deltas in the log
+        self.tokens = 0  # the deltas (and tool call fragments) in the log
         self.called = False  # whether the log holds tool call fragments
         self._log: Log = [
             {"type": "start", "conversation_id": conversation_id, "message_id": message_id, "model": model},
@@ -114,6 +114,7 @@ class Answer:
                 elif isinstance(chunk, ToolCallDelta):
                     self._append(delta_event(chunk))
                     self.called = True
+                    self.tokens += 1
                 elif isinstance(chunk, Finish):
                     self.finish_reason = chunk.reason
                     if self.called:
