@@ -144,7 +144,7 @@ def test_the_sdk_stream_helper_accumulates_parallel_relayed_calls(relay, upstrea
     assert (sent["tools"], sent["tool_choice"], sent["parallel_tool_calls"]) == (TOOLS, "auto", True)
 
 
-@pytest.mark.parametrize("style", ["openai", "vllm"])
+@pytest.mark.parametrize("style", ["openai", "vllm", "repeating"])
 def test_create_stream_relays_the_fragments_as_openai_sends_them(relay, upstream, style):
     upstream.tool_style = style
     with sdk(relay) as client:
