@@ -10,12 +10,11 @@ from __future__ import annotations
 import json
 import sqlite3
 
-import jsonschema
 import openai
 import pytest
 import requests
 
-from .conftest import STORES, start_server, store_url, wait_for
+from .conftest import STORES, json_schema_validator, start_server, store_url, wait_for
 from .fake_upstream import FakeUpstream
 from .streams import read_sse
 
@@ -222,8 +221,9 @@ def test_a_fault_amid_the_fragments_is_raised_and_the_partial_turn_kept(relay, u
 def valid_calls(calls: list[tuple[str, str]], names: list[str]) -> None:
     """(name, arguments) pairs: the functions `names`, each with arguments its schema accepts."""
     assert [name for name, _ in calls] == names
+    validate = json_schema_validator()
     for name, arguments in calls:
-        jsonschema.validate(json.loads(arguments), SCHEMAS[name])
+        validate(json.loads(arguments), SCHEMAS[name])
 
 
 def test_the_demo_calls_the_named_tools_with_valid_arguments_every_way(demo):
