@@ -8,13 +8,16 @@ One gevent server relaying one fake upstream, and one on the demo model, for the
 from __future__ import annotations
 
 import json
+import os
 import sqlite3
+import subprocess
+import sys
 
 import openai
 import pytest
 import requests
 
-from .conftest import STORES, json_schema_validator, start_server, store_url, wait_for
+from .conftest import ROOT, STORES, json_schema_validator, start_server, store_url, wait_for
 from .fake_upstream import FakeUpstream
 from .streams import read_sse
 
@@ -293,6 +296,15 @@ def test_an_agent_loop_over_v1_resending_the_messages(demo):
     assert third.parse().choices[0].message.content.startswith('This is turn 2. You said: "thanks".')
     stored = demo.get(f"/conversations/{raw.headers['X-Conversation-Id']}").json()["messages"]
     assert [m["role"] for m in stored] == ["user", "assistant", "tool", "tool", "assistant", "user", "assistant"]
+
+
+def test_the_example_agent_runs_its_tools_and_prints_the_answer(demo):
+    run = subprocess.run([sys.executable, str(ROOT / "examples" / "tool_agent.py"), "Ask get_weather and get_time"],
+                         env={**os.environ, "OPENAI_BASE_URL": demo.url + "/v1"}, capture_output=True, text=True,
+                         timeout=60)
+    assert run.returncode == 0, run.stderr
+    assert 'The tool get_weather returned: "21 degrees and clear in sample city".' in run.stdout
+    assert "The tool get_time returned:" in run.stdout and "[get_time({}) -> " in run.stderr
 
 
 def logged(server, message_id: str) -> dict:
