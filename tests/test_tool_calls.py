@@ -428,3 +428,20 @@ def test_tool_turns_are_rows_and_continue_on_each_store(kind, request, tmp_path)
             assert json.loads(rows[1][1])[0]["id"] == call.id and rows[2][2] == call.id
     finally:
         server.stop()
+
+
+def test_a_lost_workers_turn_keeps_the_calls_of_its_last_checkpoint(tmp_path):
+    """In the store itself: a turn whose worker stopped renewing its lease mid-call is saved with
+    the fragments of its last checkpoint, as calls."""
+    from streaming.config import Settings
+    from streaming.store.sqlite import SQLiteStore
+
+    store = SQLiteStore(str(tmp_path / "lost.db"), Settings(lease_s=0.0))
+    conversation_id, _ = store.begin_turn(None, "m1", "get_weather", None, "demo", worker="w")
+    store.checkpoint("w", {"m1": [{"type": "start"}, {"type": "tool_call_delta", "index": 0, "id": "call_1",
+                                                      "name": "get_weather", "arguments": '{"ci'}]})
+    assert wait_for(store.reap, what="the lease to run out") == ["m1"]
+    turn = store.conversation(conversation_id)["messages"][-1]
+    assert (turn["status"], turn["error_code"]) == ("interrupted", "worker_lost")
+    assert turn["tool_calls"] == [{"id": "call_1", "type": "function",
+                                   "function": {"name": "get_weather", "arguments": '{"ci'}}]

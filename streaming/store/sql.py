@@ -325,10 +325,11 @@ class SQLStore:
                  "model": row["model"]},
             ]
             log.append({"type": "error", "error": {"code": WORKER_LOST, "message": LOST_MESSAGE}})
+            calls = message_calls(log)
             updated = db.execute(
-                "UPDATE messages SET status = 'interrupted', error_code = ?, content = ?, events = ?, finished_at = ?"
-                " WHERE id = ? AND status = 'streaming'",
-                (WORKER_LOST, text_of(log), encode_log(log), now, row["id"]),
+                "UPDATE messages SET status = 'interrupted', error_code = ?, content = ?, tool_calls = ?, events = ?,"
+                " finished_at = ? WHERE id = ? AND status = 'streaming'",
+                (WORKER_LOST, text_of(log), encode_log(calls) if calls else None, encode_log(log), now, row["id"]),
             )
             if updated.rowcount:
                 reaped.append(row["id"])
