@@ -193,7 +193,14 @@ def test_the_tool_history_goes_upstream_on_the_next_turns(relay, upstream):
         "conversation_id": raw.headers["X-Conversation-Id"], "prompt": "get_time again", "tools": TOOLS})
     assert [e["name"] for e in got.of("tool_call")] == ["get_weather", "get_time"]
     answer = {"role": "assistant", "content": upstream.expected_text(ASK_BOTH)}
-    assert upstream.requests[-1]["messages"] == [*history, answer, {"role": "user", "content": "get_time again"}]
+    history += [answer, {"role": "user", "content": "get_time again"}]
+    assert upstream.requests[-1]["messages"] == history
+    # Calls that no result answers (the client asked something else) are not sent: an upstream
+    # refuses an assistant message whose calls have no results after it.
+    read_sse(relay.url + "/chat/sse", json_body={"conversation_id": raw.headers["X-Conversation-Id"],
+                                                 "prompt": "never mind"})
+    assert upstream.requests[-1]["messages"] == [*history, {"role": "assistant", "content": ""},
+                                                 {"role": "user", "content": "never mind"}]
 
 
 @pytest.mark.parametrize("fault", ["error_after", "drop_after"])

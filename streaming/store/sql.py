@@ -73,11 +73,21 @@ def message_row(message: dict) -> tuple[str, str, str | None, str | None]:
     return message["role"], message["content"], calls and encode_log(calls), message.get("tool_call_id")
 
 
-def upstream_message(message: dict) -> dict:
-    """A message as OpenAI's API takes it: an assistant's that only called tools has null content."""
-    if message.get("tool_calls") and not message["content"]:
-        return {**message, "content": None}
-    return message
+def upstream_messages(messages: list[dict]) -> list[dict]:
+    """The messages as OpenAI's API takes them: an assistant's that only called tools has null
+    content, and the calls no result answers (a turn that was cut short, or whose client asked
+    something else instead) are left out, since an upstream refuses calls without their results."""
+    answered = {m["tool_call_id"] for m in messages if m["role"] == "tool"}
+    sent = []
+    for message in messages:
+        if message.get("tool_calls"):
+            message = {**message, "tool_calls": [c for c in message["tool_calls"] if c["id"] in answered]}
+            if not message["tool_calls"]:
+                del message["tool_calls"]
+            elif not message["content"]:
+                message["content"] = None
+        sent.append(message)
+    return sent
 
 
 def history_digest(system: str | None, messages: list[dict] | tuple[dict, ...]) -> str:
@@ -194,7 +204,7 @@ class SQLStore:
                      now + self.lease_s, now),
                 ],
             )
-        messages = [upstream_message(m) for m in self.trim(earlier) + inputs]
+        messages = upstream_messages(self.trim(earlier) + inputs)
         if system:
             messages.insert(0, {"role": "system", "content": system})
         return conversation_id, messages
