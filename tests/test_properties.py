@@ -554,7 +554,8 @@ def schemas(leaf_only: bool = False) -> st.SearchStrategy[dict]:
     number = st.builds(lambda kind, low, span, exclusive, step: {
         "type": kind, ("exclusiveMinimum" if exclusive else "minimum"): low, "maximum": low + span,
         **({"multipleOf": step} if step and kind == "integer" else {})},
-        st.sampled_from(["integer", "number"]), bounds, st.integers(2, 500), st.booleans(), st.sampled_from([0, 2, 5]))
+        # 10 or more wide: a multiple of any step here lies within
+        st.sampled_from(["integer", "number"]), bounds, st.integers(10, 500), st.booleans(), st.sampled_from([0, 2, 5]))
     string = st.one_of(
         st.builds(lambda low, extra: {"type": "string", "minLength": low, "maxLength": low + extra},
                   st.integers(0, 30), st.integers(0, 30)),
