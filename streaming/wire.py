@@ -137,7 +137,11 @@ class TextFraming:
 
 def tool_call_delta(event: dict) -> str:
     """A `tool_call_delta` event as a chunk's `delta`, OpenAI's way: the call's `id`, `type` and
-    `function.name` on its first fragment only, then pieces of `function.arguments`."""
+    `function.name` on its first fragment only, then pieces of `function.arguments`, written
+    directly (nearly every fragment is one; a fifth of the cost of the generic encoder)."""
+    if "id" not in event and "name" not in event:
+        arguments = _string(event["arguments"])
+        return f'{{"tool_calls":[{{"index":{event["index"]},"function":{{"arguments":{arguments}}}}}]}}'
     call: dict = {"index": event["index"]}
     if "id" in event:
         call["id"] = event["id"]
