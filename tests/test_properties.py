@@ -636,3 +636,14 @@ def test_the_sdk_accumulates_any_tool_calls_from_openai_chunks(answer):
     assert choice.finish_reason == "tool_calls"
     assert [(c.id, c.function.name, c.function.arguments) for c in choice.message.tool_calls] == [
         (c["id"], c["name"], c["arguments"]) for c in calls]
+
+
+@PURE
+@given(tool_call_answers())
+def test_tool_call_events_round_trip_through_sse_and_ndjson(answer):
+    batches, _ = answer
+    sse_events = [json.loads(m.data) for m in sse_parse(encode(SSEFraming(MESSAGE_ID, 3000), batches,
+                                                                [False] * len(batches)))]
+    ndjson_events = [json.loads(line) for line in encode(NDJSONFraming(), batches, [False] * len(batches)).splitlines()]
+    expected = [event for _, event in merged(batches)]
+    assert sse_events == ndjson_events == expected
