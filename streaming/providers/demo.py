@@ -71,8 +71,8 @@ class DemoReply:
         turn = sum(1 for m in messages if m["role"] == "user")
         system = next((m["content"] for m in messages if m["role"] == "system"), None)
         params, last = params or {}, messages[-1]
-        functions = last["role"] == "user" and called_functions(
-            last["content"], params.get("tools", ()), params.get("tool_choice"), params.get("parallel_tool_calls"))
+        functions = called_functions(last["content"], params.get("tools", ()), params.get("tool_choice"),
+                                     params.get("parallel_tool_calls")) if last["role"] == "user" else []
         self.tokens: list[Chunk]
         if functions:
             self.tokens, self.finish = call_fragments(last["content"], functions), "tool_calls"
