@@ -203,6 +203,26 @@ def test_the_tool_history_goes_upstream_on_the_next_turns(relay, upstream):
                                                  {"role": "user", "content": "never mind"}]
 
 
+def test_a_retried_tool_result_turn_replaces_the_one_that_failed(relay, upstream):
+    """The upstream refuses the turn that sends the results; the client sends the same messages
+    again (as the SDK retries): that turn is replaced, not added to."""
+    messages = [{"role": "user", "content": ASK_BOTH}]
+    with sdk(relay) as client:
+        raw = client.chat.completions.with_raw_response.create(model="fake-model", messages=messages, tools=TOOLS)
+        message = raw.parse().choices[0].message
+        messages += [message, *({"role": "tool", "tool_call_id": c.id, "content": "done"} for c in message.tool_calls)]
+        upstream.tool_calls, upstream.fail_status, upstream.fail_times = None, 500, 1
+        with pytest.raises(openai.APIStatusError):
+            client.chat.completions.create(model="fake-model", messages=messages, tools=TOOLS)
+        again = client.chat.completions.with_raw_response.create(model="fake-model", messages=messages, tools=TOOLS)
+    conversation_id = raw.headers["X-Conversation-Id"]
+    assert again.headers["X-Conversation-Id"] == conversation_id
+    stored = relay.get(f"/conversations/{conversation_id}").json()["messages"]
+    assert [(m["role"], m["status"]) for m in stored] == [
+        ("user", "complete"), ("assistant", "complete"), ("tool", "complete"), ("tool", "complete"),
+        ("assistant", "complete")]
+
+
 @pytest.mark.parametrize("fault", ["error_after", "drop_after"])
 def test_a_fault_amid_the_fragments_is_raised_and_the_partial_turn_kept(relay, upstream, fault):
     setattr(upstream, fault, 4)  # fragments: the first call's name, then 3 of its arguments' pieces
