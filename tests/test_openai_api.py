@@ -170,7 +170,22 @@ BAD_REQUESTS = [
     ({"model": 5}, "model"),
     ({"n": 2}, "n"),
     ({"stop": ["\n"]}, "stop"),
-    ({"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"),
+    ({"tools": [{"type": "function", "function": {"name": "no spaces"}}]}, "tools"),
+    ({"tools": [{"type": "function", "function": {"name": "f", "parameters": "{}"}}]}, "tools"),
+    ({"tools": [{"type": "retrieval"}]}, "tools"),
+    ({"tool_choice": "required"}, "tool_choice"),
+    ({"tools": [{"type": "function", "function": {"name": "f"}}], "tool_choice": {"type": "function",
+      "function": {"name": "g"}}}, "tool_choice"),
+    ({"parallel_tool_calls": "yes"}, "parallel_tool_calls"),
+    ({"messages": [*HI, {"role": "assistant", "content": None, "tool_calls": [
+        {"id": "call_1", "type": "function", "function": {"name": "f", "arguments": "{}"}}]},
+        {"role": "tool", "tool_call_id": "call_2", "content": "4"}]}, "messages[2]"),
+    ({"messages": [*HI, {"role": "assistant", "content": None, "tool_calls": [
+        {"id": "call_1", "type": "function", "function": {"name": "f", "arguments": "{}"}}]},
+        {"role": "tool", "tool_call_id": "call_1", "content": "4"}, {"role": "system", "content": "late"}]},
+     "messages[3]"),
+    ({"messages": [*HI, {"role": "assistant", "content": None, "tool_calls": [{"id": "call_1"}]},
+                   {"role": "tool", "tool_call_id": "call_1", "content": "4"}]}, "messages[1]"),
     ({"response_format": {"type": "json_object"}}, "response_format"),
     ({"extra_body": {"frobnicate": 1}}, None),
 ]
