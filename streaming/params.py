@@ -7,7 +7,7 @@ broken stream.
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from flask import Request
 from gunicorn.http.errors import ParseException
@@ -29,11 +29,14 @@ class ChatRequest:
     # next turn when they are that conversation, a new conversation otherwise.
     history: tuple[dict, ...] = ()
     store: bool = True  # False (OpenAI's `store`): nothing of the turn is kept once the answer ends
+    # OpenAI's optional fields passed on as they are (`stop`, `seed`, `n`, `logprobs`, ...), those
+    # set to something; the provider must honour each (`turns.check_options`).
+    options: dict = field(default_factory=dict)
 
     def provider_params(self) -> dict:
         """What is passed through to the provider, where set."""
         params = {"max_tokens": self.max_tokens, "temperature": self.temperature}
-        return {k: v for k, v in params.items() if v is not None}
+        return {**{k: v for k, v in params.items() if v is not None}, **self.options}
 
 
 def invalid(message: str) -> ApiError:
@@ -111,9 +114,12 @@ def required_prompt(fields: dict | MultiDict, max_prompt_chars: int) -> str:
     return prompt
 
 
+V1_ONLY = {"history", "store", "options"}  # the OpenAI-compatible API's own
+
+
 def parse_chat_request(fields: dict | MultiDict, max_prompt_chars: int) -> ChatRequest:
     """The checked request, from `request_fields()`."""
-    unknown = sorted(set(fields) - (set(ChatRequest.__dataclass_fields__) - {"history", "store"}))  # /v1's own
+    unknown = sorted(set(fields) - (set(ChatRequest.__dataclass_fields__) - V1_ONLY))
     if unknown:
         raise invalid(f"unknown field(s): {', '.join(unknown)}")
     return ChatRequest(
