@@ -36,6 +36,18 @@ class Finish:
 
 
 @dataclass(frozen=True, slots=True)
+class ToolCallDelta:
+    """A fragment of the tool call number `index` of the answer (OpenAI's `delta.tool_calls[]`):
+    `id` and `name` come on a call's first fragment only; `arguments` is a piece of the JSON text
+    of its arguments, cut anywhere (mid-token too)."""
+
+    index: int
+    id: str | None = None
+    name: str | None = None
+    arguments: str = ""
+
+
+@dataclass(frozen=True, slots=True)
 class Logprobs:
     """The log probabilities of the answer text yielded just before: OpenAI's `logprobs.content`
     entries (`token`, `logprob`, `bytes`, `top_logprobs`), a `logprobs` event."""
@@ -56,7 +68,7 @@ class ChoiceDelta:
 
 
 # A plain `str` is answer text: the common case stays the cheapest.
-Chunk = str | Reasoning | Usage | Finish | Status | Logprobs | ChoiceDelta
+Chunk = str | Reasoning | Usage | Finish | Status | ToolCallDelta | Logprobs | ChoiceDelta
 
 
 class ProviderError(Exception):
