@@ -242,8 +242,14 @@ def type_error(errors: list) -> ApiError:
     return bad(param, f"invalid '{param}': {same[0]['msg'].replace('Input should', 'it should')}")
 
 
+BOUNDS = {"n": (1, 128), "top_logprobs": (0, 20)}  # OpenAI's
+
+
 def request_options(fields: dict) -> dict:
     """The fields passed on to the provider: those set that the service does not read itself."""
+    for name, (low, high) in BOUNDS.items():
+        with about(name):
+            number_field(fields, name, int, low, high)
     return {k: v for k, v in fields.items() if k not in OWN_FIELDS and v is not None and v not in NOTHING.get(k, ())}
 
 
