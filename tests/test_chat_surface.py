@@ -21,7 +21,9 @@ PASSED_ON = {
     "logit_bias": {"50256": -100}, "response_format": {"type": "json_object"}, "reasoning_effort": "low",
     "user": "u-1", "metadata": {"team": "a"}, "prediction": {"type": "content", "content": "hi"},
     "service_tier": "flex", "verbosity": "low", "safety_identifier": "s-1", "prompt_cache_key": "k",
+    "prompt_cache_retention": "24h", "prompt_cache_options": {"mode": "explicit", "ttl": "30m"},
 }
+TOOLS = [{"type": "function", "function": {"name": "lookup", "parameters": {"type": "object"}}}]
 # Fields no provider here honours: what they add to an answer (audio, search results, ...) is not relayed.
 NEVER = {
     "audio": {"voice": "alloy", "format": "wav"}, "modalities": ["text", "audio"],
@@ -46,6 +48,7 @@ WRONG_TYPES = [
     ({"n": 0}, "n"),
     ({"n": 129}, "n"),
     ({"top_logprobs": 21}, "top_logprobs"),
+    ({"n": 2, "tools": TOOLS}, "n"),  # other choices' tool calls are not relayed
 ]
 
 
@@ -134,7 +137,7 @@ def test_what_a_provider_cannot_honour_is_a_400_naming_it(request, upstream, ser
     refused = dict(NEVER)
     if server_name == "claude":  # Anthropic has no seed, choices, logprobs, JSON mode, ... of OpenAI's
         refused |= {k: v for k, v in PASSED_ON.items() if k not in ("stop", "top_p", "user")}
-        refused |= {"n": 2, "logprobs": True, "top_logprobs": 2}
+        refused |= {"n": 2, "logprobs": True, "top_logprobs": 2, "tools": TOOLS}
     asked, before = len(upstream.requests), conversations(server)
     with sdk(server) as client:
         for name, value in refused.items():
@@ -254,8 +257,7 @@ def test_the_demo_answers_in_json(demo):
 
 
 def test_the_demo_takes_seed_and_sampling_knobs_as_a_deterministic_model_does(demo):
-    knobs = {k: PASSED_ON[k] for k in ("seed", "top_p", "presence_penalty", "frequency_penalty", "logit_bias",
-                                       "user", "metadata", "reasoning_effort", "verbosity", "service_tier")}
+    knobs = {k: v for k, v in PASSED_ON.items() if k not in ("stop", "response_format")}
     with sdk(demo) as client:
         plain = client.chat.completions.create(model="demo", messages=HI)
         tuned = client.chat.completions.create(model="demo", messages=HI, **knobs)
