@@ -252,6 +252,8 @@ def request_options(fields: dict) -> dict:
             number_field(fields, name, int, *BOUNDS[name])
     if (fields.get("n") or 1) > 1 and fields.get("tools"):  # choice 0's tool calls are the only ones relayed
         raise bad("n", "'n' > 1 with 'tools' is not supported here")
+    if fields.get("top_logprobs") is not None and not fields.get("logprobs"):  # as at OpenAI
+        raise bad("top_logprobs", "'top_logprobs' needs 'logprobs': true")
     return {k: v for k, v in fields.items() if k not in OWN_FIELDS and v is not None and v not in NOTHING.get(k, ())}
 
 
