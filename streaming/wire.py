@@ -153,9 +153,11 @@ class OpenAIFraming:
 
     `start` gives the role chunk, `delta` and `reasoning` give `content` and `reasoning_content`
     chunks, `tool_call_delta` a `tool_calls` chunk (`tool_call_delta()`; the whole `tool_call`
-    gives none), `done` the chunk with the `finish_reason` (then, when asked, a usage chunk with
-    no choices). An error is `data: {"error": {...}}`, which the SDK raises as `APIError`; it reads
-    nothing after that, so no `[DONE]` follows. Every chunk is the same JSON around a different
+    gives none), `logprobs` the logprobs of the text chunk before it (in that chunk when they
+    come in one batch), `choice` a chunk of another choice (`n` > 1), `done` the chunk with the
+    `finish_reason` (then, when asked, a usage chunk with no choices). An error is
+    `data: {"error": {...}}`, which the SDK raises as `APIError`; it reads nothing after that, so
+    no `[DONE]` follows. Every chunk is the same JSON around a different
     `delta`: that JSON is built once, at `start`, so that a chunk costs one encoded string.
     """
 
@@ -178,13 +180,6 @@ class OpenAIFraming:
         previous: dict = {}
         for _, event in coalesce(events, offset):
             kind = event["type"]
-            if kind == "logprobs" or kind == "choice":
-                if kind == "logprobs" and previous.get("type") == "delta":
-                    out.pop()  # the text's chunk, sent again with its logprobs
-                out.append(self._choice_chunk(event, previous))
-                previous = event
-                continue
-            previous = event
             if kind == "delta":
                 out.append(self._chunk(f'{{"content":{_string(event["text"])}}}'))
             elif kind == "reasoning":
@@ -210,6 +205,11 @@ class OpenAIFraming:
                 error = event["error"]
                 body = {"message": error["message"], "type": "server_error", "param": None, "code": error["code"]}
                 out.append(f"data: {_json({'error': body})}\n\n")
+            elif kind == "logprobs" or kind == "choice":
+                if kind == "logprobs" and previous.get("type") == "delta":
+                    out.pop()  # the text's chunk, sent again with its logprobs
+                out.append(self._choice_chunk(event, previous))
+            previous = event
         return "".join(out).encode()
 
     def _choice_chunk(self, event: dict, previous: dict) -> str:
