@@ -278,7 +278,7 @@ def chat_request(fields: dict, max_prompt_chars: int) -> ChatRequest:
                   f" made a tool call with the id {history[unknown]['tool_call_id']!r}")
     prompt, tool_results = "", ()
     last = f"messages[{len(messages) - 1}]"
-    if history and history[-1]["role"] == "tool":  # the tools' results are this turn's input
+    if messages[-1]["role"] == "tool":  # the tools' results are this turn's input
         answered = next(i for i in range(len(history), 0, -1) if history[i - 1]["role"] != "tool")
         history, tool_results = history[:answered], tuple(history[answered:])
     elif messages[-1].get("role") != "user":

@@ -34,9 +34,12 @@ def _string(text: str) -> str:
 
 def event_json(event: dict) -> str:
     """An event as compact JSON. A text event (`delta`, `reasoning`: nearly every frame of a
-    stream) is written directly, which costs a tenth of the generic encoder."""
+    stream) is written directly, which costs a tenth of the generic encoder, and so is a tool
+    call's fragment after its first (nearly every frame of a call)."""
     if len(event) == 2 and "text" in event:
         return f'{{"type":"{event["type"]}","text":{_string(event["text"])}}}'
+    if len(event) == 3 and "arguments" in event:
+        return f'{{"type":"tool_call_delta","index":{event["index"]},"arguments":{_string(event["arguments"])}}}'
     return _json(event)
 
 
@@ -137,7 +140,11 @@ class TextFraming:
 
 def tool_call_delta(event: dict) -> str:
     """A `tool_call_delta` event as a chunk's `delta`, OpenAI's way: the call's `id`, `type` and
-    `function.name` on its first fragment only, then pieces of `function.arguments`."""
+    `function.name` on its first fragment only, then pieces of `function.arguments`, written
+    directly (nearly every fragment is one; a fifth of the cost of the generic encoder)."""
+    if "id" not in event and "name" not in event:
+        arguments = _string(event["arguments"])
+        return f'{{"tool_calls":[{{"index":{event["index"]},"function":{{"arguments":{arguments}}}}}]}}'
     call: dict = {"index": event["index"]}
     if "id" in event:
         call["id"] = event["id"]

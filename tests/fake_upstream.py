@@ -59,8 +59,10 @@ It speaks Anthropic's Messages API too, at ``POST /v1/messages`` (``root_url`` i
 ``message_delta`` (``stop_reason`` ``end_turn``, or ``max_tokens`` when ``finish_reason`` is
 "length"), ``message_stop``, each as ``event: <type>`` and ``data: <json>``, and a ``ping``
 after the first block starts; ``error_after`` sends an ``event: error`` (``overloaded_error``);
-``fail_status`` answers with Anthropic's error body. Recorded: ``last_api_key`` (``x-api-key``)
-and ``last_anthropic_version``.
+``fail_status`` answers with Anthropic's error body; ``tool_calls`` come as ``tool_use`` blocks
+(``id`` ``toolu_<n>_<i>`` and ``name`` at the block's start, the input in ``input_json_delta``
+pieces of ``fragment_chars``, each a content token for the failures) and ``stop_reason``
+``tool_use``. Recorded: ``last_api_key`` (``x-api-key``) and ``last_anthropic_version``.
 """
 
 from __future__ import annotations
@@ -577,6 +579,8 @@ class _Handler(BaseHTTPRequestHandler):
                    "content": [], "model": body.get("model") or "fake-model", "stop_reason": None,
                    "stop_sequence": None, "usage": {"input_tokens": prompt, "output_tokens": 1}}
         self._send_event({"type": "message_start", "message": message})
+        if up.tool_calls and body.get("tools"):
+            return self._tool_use_blocks(message["id"])
         blocks = ([("thinking", ["think "] * n_thinking)] if n_thinking else []) + [("text", toks)]
         start, step, sent = time.monotonic(), 0, 0
         for index, (kind, texts) in enumerate(blocks):
@@ -602,6 +606,27 @@ class _Handler(BaseHTTPRequestHandler):
         stop_reason = "max_tokens" if self.knobs["finish_reason"] == "length" else "end_turn"
         self._send_event({"type": "message_delta", "delta": {"stop_reason": stop_reason, "stop_sequence": None},
                           "usage": {"output_tokens": len(toks) + n_thinking}})
+        self._send_event({"type": "message_stop"})
+        if self.chunked:
+            self._write_raw(b"")
+        return True
+
+    def _tool_use_blocks(self, message_id: str) -> bool:
+        """The ``tool_calls`` as Anthropic streams them: a ``tool_use`` block each (its ``id``
+        and ``name`` at its start), its input in ``input_json_delta`` pieces; ``tool_use`` stop."""
+        size, sent = int(self.knobs["fragment_chars"]), 0
+        for index, call in enumerate(self.upstream.tool_calls):
+            block = {"type": "tool_use", "id": f"toolu_{message_id[-6:]}_{index}", "name": call["name"], "input": {}}
+            self._send_event({"type": "content_block_start", "index": index, "content_block": block})
+            for i in range(0, len(call["arguments"]), size):
+                if self._fail_midstream(sent):
+                    return False
+                delta = {"type": "input_json_delta", "partial_json": call["arguments"][i:i + size]}
+                self._send_event({"type": "content_block_delta", "index": index, "delta": delta})
+                sent += 1
+            self._send_event({"type": "content_block_stop", "index": index})
+        self._send_event({"type": "message_delta", "delta": {"stop_reason": "tool_use", "stop_sequence": None},
+                          "usage": {"output_tokens": sent}})
         self._send_event({"type": "message_stop"})
         if self.chunked:
             self._write_raw(b"")

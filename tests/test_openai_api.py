@@ -181,6 +181,10 @@ BAD_REQUESTS = [
     ({"messages": [*HI, {"role": "assistant", "content": None, "tool_calls": [
         {"id": "call_1", "type": "function", "function": {"name": "f", "arguments": "{}"}}]},
         {"role": "tool", "tool_call_id": "call_2", "content": "4"}]}, "messages[2]"),
+    ({"messages": [*HI, {"role": "assistant", "content": None, "tool_calls": [
+        {"id": "call_1", "type": "function", "function": {"name": "f", "arguments": "{}"}}]},
+        {"role": "tool", "tool_call_id": "call_1", "content": "4"}, {"role": "system", "content": "late"}]},
+     "messages[3]"),
     ({"messages": [*HI, {"role": "assistant", "content": None, "tool_calls": [{"id": "call_1"}]},
                    {"role": "tool", "tool_call_id": "call_1", "content": "4"}]}, "messages[1]"),
     ({"response_format": {"type": "xml"}}, "response_format"),

@@ -562,7 +562,8 @@ def schemas(leaf_only: bool = False) -> st.SearchStrategy[dict]:
     number = st.builds(lambda kind, low, span, exclusive, step: {
         "type": kind, ("exclusiveMinimum" if exclusive else "minimum"): low, "maximum": low + span,
         **({"multipleOf": step} if step and kind == "integer" else {})},
-        st.sampled_from(["integer", "number"]), bounds, st.integers(2, 500), st.booleans(), st.sampled_from([0, 2, 5]))
+        # 10 or more wide: a multiple of any step here lies within
+        st.sampled_from(["integer", "number"]), bounds, st.integers(10, 500), st.booleans(), st.sampled_from([0, 2, 5]))
     string = st.one_of(
         st.builds(lambda low, extra: {"type": "string", "minLength": low, "maxLength": low + extra},
                   st.integers(0, 30), st.integers(0, 30)),
@@ -588,3 +589,69 @@ def test_the_demos_tool_arguments_satisfy_any_schema(schema):
     value = sample(schema)
     json_schema_validator()(value, schema)
     assert sample(schema) == value  # deterministic
+
+
+# -- tool calls through OpenAI's chunks ---------------------------------------------------------------
+
+
+@st.composite
+def tool_call_answers(draw) -> tuple[list[list[dict]], list[dict]]:
+    """An answer's events with 1-3 tool calls (arguments any text, cut anywhere into fragments,
+    some servers' repeats of id and name included) among text deltas, cut into batches; and the
+    calls, whole."""
+    from streaming.providers.base import ToolCallDelta
+    from streaming.tool_calls import delta_event, whole_calls
+
+    calls = draw(st.lists(st.tuples(st.from_regex(r"[a-zA-Z0-9_-]{1,64}", fullmatch=True), TEXT),
+                          min_size=1, max_size=3))
+    chunks: list = []
+    for index, (name, arguments) in enumerate(calls):
+        cuts = sorted(draw(st.sets(st.integers(0, len(arguments)), max_size=6)))
+        pieces = [arguments[a:b] for a, b in zip([0, *cuts], [*cuts, len(arguments)], strict=True)]
+        repeat = draw(st.booleans())  # id and name on every fragment, as some servers send them
+        chunks += [ToolCallDelta(index, *((f"call_{index}", name) if i == 0 or repeat else (None, None)), piece)
+                   for i, piece in enumerate(pieces)]
+        if draw(st.booleans()):
+            chunks.append(draw(TEXT))
+    given: dict = {}
+    middle = [{"type": "delta", "text": c} if type(c) is str else delta_event(c, given) for c in chunks]
+    events = [START, STATUS, *middle, *whole_calls(middle), {**DONE, "finish_reason": "tool_calls"}]
+    cuts = sorted(draw(st.sets(st.integers(1, len(events) - 1))))
+    bounds = [0, *cuts, len(events)]
+    return [events[a:b] for a, b in zip(bounds, bounds[1:], strict=False)], whole_calls(middle)
+
+
+@PURE
+@given(tool_call_answers())
+def test_the_sdk_accumulates_any_tool_calls_from_openai_chunks(answer):
+    """What the SDK's own accumulator (`ChatCompletionStreamState`, behind `stream()`) makes of
+    the chunks is the whole calls; id, type and name come on a call's first fragment only."""
+    from openai.lib.streaming.chat import ChatCompletionStreamState
+    from openai.types.chat import ChatCompletionChunk
+
+    batches, calls = answer
+    body = encode(OpenAIFraming(1700000000), batches, [False] * len(batches))
+    chunks = [json.loads(m.data) for m in sse_parse(body) if m.data != "[DONE]"]
+    state = ChatCompletionStreamState()
+    firsts: set[int] = set()
+    for chunk in chunks:
+        for fragment in chunk["choices"][0]["delta"].get("tool_calls", ()):
+            first = fragment["index"] not in firsts
+            firsts.add(fragment["index"])
+            assert ("id" in fragment, "type" in fragment, "name" in fragment["function"]) == (first, first, first)
+        state.handle_chunk(ChatCompletionChunk.model_validate(chunk))
+    choice = state.get_final_completion().choices[0]
+    assert choice.finish_reason == "tool_calls"
+    assert [(c.id, c.function.name, c.function.arguments) for c in choice.message.tool_calls] == [
+        (c["id"], c["name"], c["arguments"]) for c in calls]
+
+
+@PURE
+@given(tool_call_answers())
+def test_tool_call_events_round_trip_through_sse_and_ndjson(answer):
+    batches, _ = answer
+    sse_events = [json.loads(m.data) for m in sse_parse(encode(SSEFraming(MESSAGE_ID, 3000), batches,
+                                                                [False] * len(batches)))]
+    ndjson_events = [json.loads(line) for line in encode(NDJSONFraming(), batches, [False] * len(batches)).splitlines()]
+    expected = [event for _, event in merged(batches)]
+    assert sse_events == ndjson_events == expected

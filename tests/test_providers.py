@@ -3,6 +3,7 @@ Messages streaming format (tests/fake_upstream.py), and one of your own named by
 
 from __future__ import annotations
 
+import openai
 import pytest
 
 from .conftest import WORKER_CLASSES, wait_for
@@ -94,3 +95,41 @@ def test_a_provider_of_your_own_by_its_import_path(serve):
     assert got.text == "one two three" and got.events[-1]["usage"]["completion_tokens"] == 3
     response = server.post("/chat/sse", json={"prompt": "   "})
     assert response.status_code == 400 and response.json()["error"]["message"] == "nothing to echo"
+
+
+def test_tool_calls_are_anthropics_tool_use(serve, upstream):
+    """OpenAI's tools through /v1 to Anthropic's tool use and back: the calls stream as OpenAI
+    chunks the SDK accumulates; the results go back as `tool_result` blocks."""
+    city = {"type": "object", "properties": {"city": {"type": "string"}}}
+    weather = {"name": "get_weather", "description": "the weather", "parameters": city}
+    tools = [{"type": "function", "function": weather}, {"type": "function", "function": {"name": "get_time"}}]
+    upstream.tool_calls = [{"name": "get_weather", "arguments": '{"city": "Zürich"}'},
+                           {"name": "get_time", "arguments": "{}"}]
+    server = relay(serve, upstream)
+    messages = [{"role": "user", "content": "weather and time?"}]
+    with openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0) as client:
+        with client.chat.completions.stream(model="fake-claude", messages=messages, tools=tools,
+                                            tool_choice="required", parallel_tool_calls=False) as stream:
+            final = stream.get_final_completion().choices[0]
+        assert final.finish_reason == "tool_calls"
+        calls = final.message.tool_calls
+        assert [(c.function.name, c.function.arguments) for c in calls] == [
+            (c["name"], c["arguments"]) for c in upstream.tool_calls]
+        sent = upstream.requests[-1]
+        assert sent["tools"] == [
+            {"name": "get_weather", "description": "the weather", "input_schema": city},
+            {"name": "get_time", "input_schema": {"type": "object"}}]
+        assert sent["tool_choice"] == {"type": "any", "disable_parallel_tool_use": True}
+        messages += [final.message, *({"role": "tool", "tool_call_id": c.id, "content": f"result {i}"}
+                                      for i, c in enumerate(calls))]
+        upstream.tool_calls = None
+        answer = client.chat.completions.create(model="fake-claude", messages=messages, tools=tools).choices[0]
+    assert answer.message.content == upstream.expected_text("")  # it echoes the last user text: none
+    assert upstream.requests[-1]["messages"] == [
+        {"role": "user", "content": "weather and time?"},
+        {"role": "assistant", "content": [
+            {"type": "tool_use", "id": calls[0].id, "name": "get_weather", "input": {"city": "Zürich"}},
+            {"type": "tool_use", "id": calls[1].id, "name": "get_time", "input": {}}]},
+        {"role": "user", "content": [{"type": "tool_result", "tool_use_id": calls[0].id, "content": "result 0"},
+                                     {"type": "tool_result", "tool_use_id": calls[1].id, "content": "result 1"}]},
+    ]

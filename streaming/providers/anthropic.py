@@ -9,6 +9,12 @@ or a `thinking_delta` (reasoning, when `ANTHROPIC_THINKING_TOKENS` asks for it),
 (the stop reason and the answer's tokens), `message_stop`, `ping`, and `error`. System messages
 become the request's `system`.
 
+Function tools are Anthropic's tool use: OpenAI's `tools` become `{"name", "description",
+"input_schema"}`, `tool_choice` its `auto`/`any`/`tool`/`none` (`parallel_tool_calls: false`:
+`disable_parallel_tool_use`), an assistant's calls `tool_use` blocks and the tools' results
+`tool_result` blocks of a user message; a streamed `tool_use` block (`content_block_start`, then
+`input_json_delta` pieces) becomes a call's fragments (`ToolCallDelta`).
+
 SDK errors become `ProviderError`s with the service's codes and messages of its own: nothing of
 an upstream's body is passed on.
 """
@@ -23,7 +29,7 @@ import anthropic
 import httpx2
 
 from ..config import Settings
-from .base import Chunk, Finish, ProviderError, Reasoning, Usage
+from .base import Chunk, Finish, ProviderError, Reasoning, ToolCallDelta, Usage
 from .http import close_response, sdk_error, sse_data
 
 log = logging.getLogger(__name__)
@@ -52,9 +58,58 @@ def mapped_options(params: dict) -> dict:
     return body
 
 
+def anthropic_messages(messages: list[dict]) -> list[dict]:
+    """The turns (OpenAI's shape, system messages left out) as Anthropic's messages."""
+    out: list[dict] = []
+    for message in messages:
+        if message["role"] == "system":
+            continue
+        if message["role"] == "tool":
+            result = {"type": "tool_result", "tool_use_id": message["tool_call_id"], "content": message["content"]}
+            if out and out[-1]["role"] == "user" and isinstance(out[-1]["content"], list):  # results, together
+                out[-1]["content"].append(result)
+            else:
+                out.append({"role": "user", "content": [result]})
+        elif message.get("tool_calls"):
+            blocks = [{"type": "text", "text": message["content"]}] if message["content"] else []
+            blocks += [{"type": "tool_use", "id": call["id"], "name": call["function"]["name"],
+                        "input": call_input(call)} for call in message["tool_calls"]]
+            out.append({"role": "assistant", "content": blocks})
+        else:
+            out.append({"role": message["role"], "content": message["content"]})
+    return out
+
+
+def call_input(call: dict) -> object:
+    """A call's arguments as the JSON value Anthropic wants them."""
+    try:
+        return json.loads(call["function"]["arguments"] or "{}")
+    except ValueError:
+        raise ProviderError("invalid_request", f"the arguments of the tool call {call['id']!r} are not JSON",
+                            400) from None
+
+
+def anthropic_tools(params: dict) -> dict:
+    """The request's `tools`, `tool_choice` and `parallel_tool_calls` as Anthropic's fields."""
+    if not params.get("tools"):
+        return {}
+    functions = [tool["function"] for tool in params["tools"]]
+    tools = [{"name": f["name"], **({"description": f["description"]} if f.get("description") else {}),
+              "input_schema": f.get("parameters") or {"type": "object"}} for f in functions]
+    choice = params.get("tool_choice") or "auto"
+    if isinstance(choice, dict):
+        choice = {"type": "tool", "name": choice["function"]["name"]}
+    else:
+        choice = {"type": {"auto": "auto", "required": "any", "none": "none"}[choice]}
+    if params.get("parallel_tool_calls") is False and choice["type"] != "none":
+        choice["disable_parallel_tool_use"] = True
+    return {"tools": tools, "tool_choice": choice}
+
+
 class AnthropicProvider:
     name = "anthropic"
-    options = frozenset({"stop", "top_p", "user"})  # see `mapped_options`; Anthropic has no other
+    # As tool use (`anthropic_tools`), and what `mapped_options` maps; Anthropic has no other.
+    options = frozenset({"tools", "tool_choice", "parallel_tool_calls", "stop", "top_p", "user"})
 
     def __init__(self, settings: Settings) -> None:
         self.default_model = settings.llm_model or "claude-sonnet-4-5"
@@ -83,8 +138,9 @@ class AnthropicProvider:
         body: dict = {
             "model": params["model"],
             "max_tokens": params.get("max_tokens") or self.max_tokens,
-            "messages": [m for m in messages if m["role"] != "system"],
+            "messages": anthropic_messages(messages),
             "stream": True,
+            **anthropic_tools(params),
         }
         if system:
             body["system"] = system
@@ -110,6 +166,7 @@ class AnthropicReply:
     def __iter__(self) -> Iterator[Chunk]:
         prompt_tokens = completion_tokens = 0
         finish = None
+        calls: dict[int, int] = {}  # the content blocks that are tool calls: the call's index, by block
         events = sse_data(self._response.iter_lines())
         try:
             for data in events:
@@ -121,6 +178,12 @@ class AnthropicReply:
                         yield delta["text"]
                     elif delta.get("type") == "thinking_delta" and delta["thinking"]:
                         yield Reasoning(delta["thinking"])
+                    elif delta.get("type") == "input_json_delta" and event.get("index") in calls:
+                        yield ToolCallDelta(calls[event["index"]], arguments=delta["partial_json"])
+                elif kind == "content_block_start" and event["content_block"].get("type") == "tool_use":
+                    block = event["content_block"]
+                    calls[event["index"]] = len(calls)
+                    yield ToolCallDelta(calls[event["index"]], block["id"], block["name"])
                 elif kind == "message_start":
                     usage = event["message"].get("usage") or {}
                     prompt_tokens = usage.get("input_tokens", 0)

@@ -49,8 +49,10 @@ def sample(schema: object, name: str = "value", root: dict | None = None) -> obj
 def _object(schema: dict, name: str, root: dict) -> dict:
     properties = schema.get("properties") or {}
     value = {key: sample(sub, key, root) for key, sub in properties.items()}
-    for key in schema.get("required") or ():
-        value.setdefault(key, "sample")  # required but undeclared: any value does
+    extra = schema.get("additionalProperties")
+    for key in schema.get("required") or ():  # required but undeclared: what other properties may be
+        if key not in value:
+            value[key] = sample(extra, key, root) if isinstance(extra, dict) else "sample"
     return value
 
 
