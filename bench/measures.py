@@ -17,6 +17,10 @@ from . import server as srv
 from .load import Stream, run_load, running_at_once
 
 SSE = "/chat/sse?prompt=bench"
+V1 = "/v1/chat/completions"
+# What an SDK sends for a streamed answer with a few of its knobs.
+V1_BODY = {"model": "demo", "stream": True, "stream_options": {"include_usage": True}, "max_tokens": 100,
+           "temperature": 0.5, "user": "bench", "messages": [{"role": "user", "content": "bench"}]}
 
 
 def pct(values: list[float], q: float) -> float:
@@ -83,15 +87,17 @@ def load(server: srv.Server, path: str, requests: int, concurrency: int, **kwarg
 VARIANTS: dict[str, srv.Checkout] = {}
 
 
-def _contenders(env: dict[str, str], before: srv.Checkout | None) -> dict[str, Callable[[], srv.Server]]:
+def _contenders(env: dict[str, str], before: srv.Checkout | None,
+                baselines: bool = True) -> dict[str, Callable[[], srv.Server]]:
     """Name -> how to start it: the service on one gevent worker (and the `before` checkout, and
-    the VARIANTS), then the two baselines, all with the demo's `env`."""
+    the VARIANTS), then the two baselines (unless not `baselines`), all with the demo's `env`."""
     checkouts = {"service": srv.Checkout(), **({"service (before)": before} if before else {}), **VARIANTS}
     starters = {
         name: (lambda co=co: srv.service("gevent", 1, {**env, **co.env}, co.root)) for name, co in checkouts.items()
     }
-    starters["fastapi baseline"] = lambda: srv.fastapi_baseline(env)
-    starters["naive flask (gevent)"] = lambda: srv.flask_baseline(env)
+    if baselines:
+        starters["fastapi baseline"] = lambda: srv.fastapi_baseline(env)
+        starters["naive flask (gevent)"] = lambda: srv.flask_baseline(env)
     return starters
 
 
@@ -99,17 +105,18 @@ def _contenders(env: dict[str, str], before: srv.Checkout | None) -> dict[str, C
 
 
 def _cpu_rounds(env: dict[str, str], before: srv.Checkout | None, warm_up: int, requests: int, concurrency: int,
-                rounds: int, cost: Callable[[Run], float]) -> tuple[dict[str, Run], dict[str, list[float]]]:
-    """Every contender's last run and its `cost` in each round, after `warm_up` streams; rounds
-    interleave the servers, so that noise hits them alike."""
-    starters = _contenders(env, before)
+                rounds: int, cost: Callable[[Run], float], path: str = SSE,
+                body: dict | None = None) -> tuple[dict[str, Run], dict[str, list[float]]]:
+    """Every contender's last run of `path` and its `cost` in each round, after `warm_up` streams;
+    rounds interleave the servers, so that noise hits them alike. The baselines serve SSE only."""
+    starters = _contenders(env, before, baselines=path == SSE)
     costs: dict[str, list[float]] = {name: [] for name in starters}
     runs: dict[str, Run] = {}
     for _ in range(rounds):
         for name, start in starters.items():
             with start() as server:
-                load(server, SSE, warm_up, concurrency)
-                run = runs[name] = load(server, SSE, requests, concurrency)
+                load(server, path, warm_up, concurrency, body=body)
+                run = runs[name] = load(server, path, requests, concurrency, body=body)
                 costs[name].append(cost(run))
     return runs, costs
 
@@ -150,6 +157,26 @@ def request_cost(quick: bool, before: srv.Checkout | None = None) -> list[dict]:
             "CPU ms / request": pct(costs[name], 0.5),
             "all rounds": " ".join(f"{c:.2f}" for c in costs[name]),
             "x naive flask": pct(costs[name], 0.5) / base,
+            "errors": run.errors(),
+        }
+        for name, run in runs.items()
+    ]
+
+
+def request_cost_v1(quick: bool, before: srv.Checkout | None = None) -> list[dict]:
+    """`request` on /v1/chat/completions with an SDK's body (`V1_BODY`): what the OpenAI-compatible
+    API adds (the check against the SDK's types, the messages, the chunks), the service against
+    its `before` checkout only."""
+    requests, rounds = (400, 1) if quick else (2000, 3)
+    runs, costs = _cpu_rounds(srv.pace_env(1, 0), before, 100, requests, 50, rounds,
+                              lambda run: run.cpu_s / max(run.completed, 1) * 1000, V1, V1_BODY)
+    return [
+        {
+            "server": name,
+            "requests": len(run.streams),
+            "complete": run.completed,
+            "CPU ms / request": pct(costs[name], 0.5),
+            "all rounds": " ".join(f"{c:.2f}" for c in costs[name]),
             "errors": run.errors(),
         }
         for name, run in runs.items()
@@ -269,6 +296,7 @@ from .storm import p_stop, p_storm  # noqa: E402
 MEASURES = {
     "p1": ("P1 cost per token", p1_cost),
     "request": ("Cost per request: one-token answers, 50 at a time", request_cost),
+    "request-v1": ("Cost per /v1 request: an SDK's streamed body, one-token answers, 50 at a time", request_cost_v1),
     "p2": ("P2 concurrency, one gevent worker", p2_concurrency),
     "p4": ("P4 worker classes", p4_contrast),
     "p3": ("P3 relay overhead", p3_relay),

@@ -371,6 +371,14 @@ RIGHTISH = {
     "n": st.sampled_from([1, 1, 1.0, True, 2]),
     "stop": st.sampled_from(["", [], [], "x", ["x"]]),
     "user": JSON_VALUES,
+    "logprobs": st.booleans(),
+    "top_logprobs": st.integers(-1, 21),
+    "seed": st.integers(),
+    "response_format": st.sampled_from([
+        {"type": "text"}, {"type": "json_object"}, {"type": "json_schema"}, {"type": "xml"},
+        {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "object", "required": ["a"],
+                                                                        "properties": {"a": {"type": "integer"}}}}},
+    ]),
 }
 OWN_FIELDS = {
     "/chat": ["prompt", "conversation_id", "model", "system", "max_tokens", "temperature"],
@@ -379,7 +387,7 @@ OWN_FIELDS = {
     "/batch": ["prompts", "concurrency", "model", "system", "max_tokens", "temperature"],
     "/v1/chat/completions": [
         "messages", "model", "max_tokens", "max_completion_tokens", "temperature", "stream", "stream_options", "n",
-        "stop", "user",
+        "stop", "user", "logprobs", "top_logprobs", "seed", "response_format",
     ],
 }
 

@@ -46,6 +46,18 @@ def mid_answer_error(error: object) -> ProviderError:
     return ProviderError("upstream_error", "the model server failed mid-answer")
 
 
+def mapped_options(params: dict) -> dict:
+    """OpenAI's options in Anthropic's words (those in `AnthropicProvider.options`)."""
+    body: dict = {}
+    if "stop" in params:
+        body["stop_sequences"] = [params["stop"]] if isinstance(params["stop"], str) else list(params["stop"])
+    if "top_p" in params:
+        body["top_p"] = params["top_p"]
+    if "user" in params:
+        body["metadata"] = {"user_id": params["user"]}
+    return body
+
+
 def anthropic_messages(messages: list[dict]) -> list[dict]:
     """The turns (OpenAI's shape, system messages left out) as Anthropic's messages."""
     out: list[dict] = []
@@ -96,7 +108,8 @@ def anthropic_tools(params: dict) -> dict:
 
 class AnthropicProvider:
     name = "anthropic"
-    options = frozenset({"tools", "tool_choice", "parallel_tool_calls"})  # as tool use (`anthropic_tools`)
+    # As tool use (`anthropic_tools`), and what `mapped_options` maps; Anthropic has no other.
+    options = frozenset({"tools", "tool_choice", "parallel_tool_calls", "stop", "top_p", "user"})
 
     def __init__(self, settings: Settings) -> None:
         self.default_model = settings.llm_model or "claude-sonnet-4-5"
@@ -133,6 +146,7 @@ class AnthropicProvider:
             body["system"] = system
         if "temperature" in params:
             body["temperature"] = params["temperature"]
+        body.update(mapped_options(params))
         if self.thinking_tokens:
             body["thinking"] = {"type": "enabled", "budget_tokens": self.thinking_tokens}
         try:
