@@ -28,9 +28,10 @@ import time
 from collections.abc import Callable, Iterator
 
 from .config import Settings
-from .providers.base import Finish, ProviderError, Reasoning, Reply, Status, Usage
+from .providers.base import Finish, ProviderError, Reasoning, Reply, Status, ToolCallDelta, Usage
 from .store import Log
 from .threads import start_thread
+from .tool_calls import delta_event, message_calls, whole_calls
 from .wire import Framing
 
 log = logging.getLogger(__name__)
@@ -82,6 +83,7 @@ class Answer:
         self._changed = threading.Event()  # set, and replaced, when the log grows
         self._wake_at = math.inf  # when the clock must wake the readers (the first one due)
         self.tokens = 0  # the deltas in the log
+        self.called = False  # whether the log holds tool call fragments
         self._log: Log = [
             {"type": "start", "conversation_id": conversation_id, "message_id": message_id, "model": model},
             {"type": "status", "stage": "thinking"},
@@ -109,8 +111,13 @@ class Answer:
                     self._append({"type": "reasoning", "text": chunk.text})
                 elif isinstance(chunk, Usage):
                     self.usage = {"prompt_tokens": chunk.prompt_tokens, "completion_tokens": chunk.completion_tokens}
+                elif isinstance(chunk, ToolCallDelta):
+                    self._append(delta_event(chunk))
+                    self.called = True
                 elif isinstance(chunk, Finish):
                     self.finish_reason = chunk.reason
+                    if self.called:
+                        self._end_calls()
                     self._finish(None)  # now: the reply may still read the end of its body
                 elif isinstance(chunk, Status):
                     self._append({"type": "status", "stage": chunk.stage}, token=False)
@@ -123,6 +130,14 @@ class Answer:
         finally:
             self.reply.close()
         self._finish(error)
+
+    def _end_calls(self) -> None:
+        """The calls are whole: a `tool_call` event for each. A server that names no reason for
+        an answer that called tools (some say "stop") ends it with "tool_calls", as OpenAI does."""
+        for call in whole_calls(self._log):
+            self._append(call, token=False)
+        if self.finish_reason == "stop":
+            self.finish_reason = "tool_calls"
 
     def _finish(self, error: dict | None) -> None:
         """Save the turn, then append the terminal event (unless `stop()` did); once only."""
@@ -196,6 +211,11 @@ class Answer:
     @property
     def text(self) -> str:
         return "".join([e for e in self._log if type(e) is str])
+
+    @property
+    def tool_calls(self) -> list[dict]:
+        """The answer's tool calls in OpenAI's message shape (`tool_calls.message_calls`)."""
+        return message_calls(self._log) if self.called else []
 
     # -- stopping -------------------------------------------------------------------------
 

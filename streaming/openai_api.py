@@ -1,9 +1,10 @@
 """The OpenAI-compatible API, so that the official SDK and tools built on it are clients too:
 `POST /v1/chat/completions` (streamed or whole) and `GET /v1/models`.
 
-A request maps onto the engine like any other: the last message, which must be the user's, is
-the prompt; system (and `developer`) messages are joined into the system prompt; the user and
-assistant messages before the prompt are the history. When they are exactly a stored
+A request maps onto the engine like any other: the last message, the user's, is the prompt (or
+the last messages, `tool` results of the calls the assistant message before them made, are the
+turn's input); system (and `developer`) messages are joined into the system prompt; the messages
+before the input are the history. When they are exactly a stored
 conversation of the same key (same system prompt, same turns), the request is that
 conversation's next turn; when they are one but for its failed or interrupted last turn, and the
 prompt is that turn's (an SDK's retry), it replaces that turn; otherwise they start a new
@@ -11,11 +12,13 @@ conversation. Its id is in the `X-Conversation-Id` header. With `"store": false`
 request is kept once the answer ends.
 
 What a strict client can rely on:
-- Text only: a message's content is a string or a list of `{"type": "text", "text": ...}` parts
-  (joined with newlines); `name` on a message is ignored; tool calls, images and audio are a 400.
+- Text and function tools: a message's content is a string or a list of `{"type": "text",
+  "text": ...}` parts (joined with newlines); `name` on a message is ignored; an assistant's
+  `tool_calls` (content null) and a `tool` message's `tool_call_id` are kept, and a result whose
+  call the assistant before it did not make is a 400 naming the message; images and audio are a 400.
 - Unknown fields are a 400, as at OpenAI. Fields that only tune sampling or label the request
   are accepted and ignored (`IGNORED`). Fields whose effect the client would miss silently
-  (`n` > 1, `stop`, `tools`, `logprobs`, a JSON `response_format`, ...) are a 400 unless they ask
+  (`n` > 1, `stop`, `logprobs`, a JSON `response_format`, ...) are a 400 unless they ask
   for nothing (`UNSUPPORTED`).
 - `max_completion_tokens` and `max_tokens` are the same limit (giving both, different, is a 400).
 - Errors are `{"error": {"message", "type", "param", "code"}}` with the status that the SDK maps
@@ -34,7 +37,18 @@ from . import openai_errors
 from .engine import Answer
 from .errors import ApiError
 from .openai_errors import about, bad, http_error
-from .params import ChatRequest, invalid, number_field, request_fields, text_field
+from .params import (
+    ChatRequest,
+    invalid,
+    number_field,
+    parallel_tool_calls_field,
+    request_fields,
+    text_field,
+    tool_choice_field,
+    tool_result_message,
+    tools_field,
+)
+from .tool_calls import unknown_call
 from .turns import begin_answer, collect, service, streamed
 from .wire import OpenAIFraming
 
@@ -42,17 +56,15 @@ bp = Blueprint("openai_api", __name__, url_prefix="/v1")
 openai_errors.init_app(bp)
 
 SYSTEM_ROLES = ("system", "developer")
-ROLES = (*SYSTEM_ROLES, "user", "assistant")
+ROLES = (*SYSTEM_ROLES, "user", "assistant", "tool")
 IGNORED = frozenset(
     "user top_p presence_penalty frequency_penalty seed logit_bias metadata service_tier"
-    " parallel_tool_calls reasoning_effort verbosity prompt_cache_key safety_identifier".split()
+    " reasoning_effort verbosity prompt_cache_key safety_identifier".split()
 )
 # Accepted only when null or one of these values, which ask for nothing this service lacks.
 UNSUPPORTED: dict[str, tuple] = {
     "n": (1,),
     "stop": ("", []),
-    "tools": ([],),
-    "tool_choice": ("none",),
     "functions": ([],),
     "function_call": ("none",),
     "response_format": ({"type": "text"},),
@@ -64,7 +76,8 @@ UNSUPPORTED: dict[str, tuple] = {
     "web_search_options": (),
 }
 FIELDS = frozenset(
-    {"messages", "model", "max_tokens", "max_completion_tokens", "temperature", "stream", "stream_options", "store"}
+    {"messages", "model", "max_tokens", "max_completion_tokens", "temperature", "stream", "stream_options", "store",
+     "tools", "tool_choice", "parallel_tool_calls"}
 )
 
 
@@ -82,25 +95,56 @@ def unrouted() -> Response | None:
 # -- the request --------------------------------------------------------------------------------
 
 
+MESSAGE_FIELDS = {"assistant": ("tool_calls",), "tool": ("tool_call_id",)}  # beyond role, content and name
+
+
 def read_message(message: object) -> dict:
-    """`{"role", "content"}`, the content as one text."""
+    """`{"role", "content"}`, the content as one text; an assistant's `tool_calls` (its content
+    may then be null: "") and a tool's `tool_call_id` as they are stored (see `read_tool_call`)."""
     if not isinstance(message, dict):
         raise invalid("a message must be an object")
     role = message.get("role")
     if role not in ROLES:
         raise invalid(f"a message's 'role' must be one of: {', '.join(ROLES)}")
-    unsupported = sorted(k for k, v in message.items() if k not in ("role", "content", "name") and v not in (None, []))
+    known = ("role", "content", "name", *MESSAGE_FIELDS.get(role, ()))
+    unsupported = sorted(k for k, v in message.items() if k not in known and v not in (None, []))
     if unsupported:
         raise invalid(f"unsupported message field(s): {', '.join(unsupported)}")
+    if role == "tool":
+        return tool_result_message({"tool_call_id": message.get("tool_call_id"), "content": message_text(message)})
+    calls = message.get("tool_calls")
+    if role == "assistant" and calls:
+        if not isinstance(calls, list):
+            raise invalid("'tool_calls' must be a list")
+        content = message_text(message) if message.get("content") is not None else ""
+        calls = [read_tool_call(call, i) for i, call in enumerate(calls)]
+        return {"role": role, "content": content, "tool_calls": calls}
+    return {"role": role, "content": message_text(message)}
+
+
+def read_tool_call(call: object, index: int) -> dict:
+    """A call of an assistant's message, exactly as this service streamed it (so that a history
+    sent back is the stored conversation): `{"id", "type": "function", "function": {"name",
+    "arguments"}}`."""
+    function = call.get("function") if isinstance(call, dict) else None
+    if not isinstance(function, dict) or call.get("type", "function") != "function" or \
+            not all(isinstance(v, str) for v in (call.get("id"), function.get("name"), function.get("arguments"))):
+        raise invalid(f"tool_calls[{index}] must be {{'id', 'type': 'function', 'function': {{'name', 'arguments'}}}}")
+    return {"id": call["id"], "type": "function",
+            "function": {"name": function["name"], "arguments": function["arguments"]}}
+
+
+def message_text(message: dict) -> str:
+    """A message's content as one text."""
     content = message.get("content")
     if isinstance(content, list):
         for part in content:
             if not isinstance(part, dict) or part.get("type") != "text" or part.get("text") is None:
                 raise invalid("only text content parts are supported: {'type': 'text', 'text': ...}")
-        return {"role": role, "content": "\n".join(text_field(part, "text") for part in content)}
+        return "\n".join(text_field(part, "text") for part in content)
     if not isinstance(content, str):
         raise invalid("a message's 'content' must be a string or a list of text parts")
-    return {"role": role, "content": text_field(message, "content")}
+    return text_field(message, "content")
 
 
 def chat_request(fields: dict, max_prompt_chars: int) -> ChatRequest:
@@ -114,17 +158,30 @@ def chat_request(fields: dict, max_prompt_chars: int) -> ChatRequest:
     messages = fields.get("messages")
     if not isinstance(messages, list) or not messages:
         raise bad("messages", "'messages' must be a non-empty list")
-    system, history = [], []
+    system, history, positions = [], [], []
     for i, message in enumerate(messages):
         with about(f"messages[{i}]"):
             message = read_message(message)
-        (system if message["role"] in SYSTEM_ROLES else history).append(message)
+        if message["role"] in SYSTEM_ROLES:
+            system.append(message)
+        else:
+            history.append(message)
+            positions.append(i)
+    unknown = unknown_call(history)
+    if unknown is not None:
+        raise bad(f"messages[{positions[unknown]}]", f"messages[{positions[unknown]}]: no assistant message before it"
+                  f" made a tool call with the id {history[unknown]['tool_call_id']!r}")
+    prompt, tool_results = "", ()
     last = f"messages[{len(messages) - 1}]"
-    if messages[-1]["role"] != "user":
-        raise bad(last, "the last message must be the user's")
-    prompt = history.pop()["content"]
-    if not prompt or len(prompt) > max_prompt_chars:
-        raise bad(last, f"the last message must hold 1 to {max_prompt_chars} characters")
+    if history and history[-1]["role"] == "tool":  # the tools' results are this turn's input
+        answered = next(i for i in range(len(history), 0, -1) if history[i - 1]["role"] != "tool")
+        history, tool_results = history[:answered], tuple(history[answered:])
+    elif messages[-1].get("role") != "user":
+        raise bad(last, "the last message must be the user's, or the results of the tools it called")
+    else:
+        prompt = history.pop()["content"]
+        if not prompt or len(prompt) > max_prompt_chars:
+            raise bad(last, f"the last message must hold 1 to {max_prompt_chars} characters")
     system_prompt = "\n\n".join(m["content"] for m in system) or None
     if system_prompt and len(system_prompt) > max_prompt_chars:
         raise bad("messages", f"the system messages hold more than {max_prompt_chars} characters")
@@ -141,6 +198,12 @@ def chat_request(fields: dict, max_prompt_chars: int) -> ChatRequest:
     store = fields.get("store")
     if store is not None and not isinstance(store, bool):
         raise bad("store", "'store' must be true or false")
+    with about("tools"):
+        tools = tools_field(fields)
+    with about("tool_choice"):
+        tool_choice = tool_choice_field(fields, tools)
+    with about("parallel_tool_calls"):
+        parallel_tool_calls = parallel_tool_calls_field(fields)
     return ChatRequest(
         prompt=prompt,
         model=model,
@@ -149,6 +212,10 @@ def chat_request(fields: dict, max_prompt_chars: int) -> ChatRequest:
         temperature=temperature,
         history=tuple(history),
         store=store is not False,
+        tools=tools,
+        tool_choice=tool_choice,
+        parallel_tool_calls=parallel_tool_calls,
+        tool_results=tool_results,
     )
 
 
@@ -192,6 +259,7 @@ def completion(answer: Answer, created: int) -> Response:
     reasoning = "".join(e["text"] for e in events if e["type"] == "reasoning")
     if reasoning:
         message["reasoning_content"] = reasoning
+    add_tool_calls(message, answer)
     response = jsonify(
         id=f"chatcmpl-{answer.message_id}",
         object="chat.completion",
@@ -202,6 +270,14 @@ def completion(answer: Answer, created: int) -> Response:
     )
     response.headers.update({"X-Conversation-Id": answer.conversation_id, "X-Message-Id": answer.message_id})
     return response
+
+
+def add_tool_calls(message: dict, answer: Answer) -> None:
+    """The answer's tool calls on its whole message, whose content is then null when it has no text."""
+    calls = answer.tool_calls
+    if calls:
+        message["tool_calls"] = calls
+        message["content"] = message["content"] or None
 
 
 @bp.get("/models")

@@ -29,11 +29,22 @@ class ChatRequest:
     # next turn when they are that conversation, a new conversation otherwise.
     history: tuple[dict, ...] = ()
     store: bool = True  # False (OpenAI's `store`): nothing of the turn is kept once the answer ends
+    # The functions the model may call, in OpenAI's format (checked by `tools_field`), and how.
+    tools: tuple[dict, ...] = ()
+    tool_choice: str | dict | None = None
+    parallel_tool_calls: bool | None = None
+    # The turn's input when it is the results of the tools the previous answer called, instead
+    # of a prompt: `{"role": "tool", "tool_call_id", "content"}` messages, in OpenAI's shape.
+    tool_results: tuple[dict, ...] = ()
 
     def provider_params(self) -> dict:
         """What is passed through to the provider, where set."""
-        params = {"max_tokens": self.max_tokens, "temperature": self.temperature}
-        return {k: v for k, v in params.items() if v is not None}
+        params = {"max_tokens": self.max_tokens, "temperature": self.temperature,
+                  "tool_choice": self.tool_choice, "parallel_tool_calls": self.parallel_tool_calls}
+        params = {k: v for k, v in params.items() if v is not None}
+        if self.tools:
+            params["tools"] = list(self.tools)
+        return params
 
 
 def invalid(message: str) -> ApiError:
@@ -111,16 +122,113 @@ def required_prompt(fields: dict | MultiDict, max_prompt_chars: int) -> str:
     return prompt
 
 
+TOOL_NAME = re.compile(r"[a-zA-Z0-9_-]{1,64}")
+TOOL_CHOICES = ("none", "auto", "required")
+
+
+def tools_field(fields: dict | MultiDict) -> tuple[dict, ...]:
+    """`tools`: OpenAI's function tools, `{"type": "function", "function": {"name", "parameters",
+    "description", "strict"}}`, each 400 naming `tools[i]`."""
+    tools = fields.get("tools")
+    if tools is None:
+        return ()
+    if not isinstance(tools, list):
+        raise invalid("'tools' must be a list of {'type': 'function', 'function': {...}}")
+    names = set()
+    for i, tool in enumerate(tools):
+        function = tool.get("function") if isinstance(tool, dict) else None
+        if not isinstance(tool, dict) or tool.get("type") != "function" or set(tool) - {"type", "function"}:
+            raise invalid(f"tools[{i}]: a tool must be {{'type': 'function', 'function': {{...}}}}")
+        if not isinstance(function, dict) or set(function) - {"name", "description", "parameters", "strict"}:
+            raise invalid(f"tools[{i}].function must be an object of name, description, parameters and strict")
+        name = function.get("name")
+        if not isinstance(name, str) or not TOOL_NAME.fullmatch(name):
+            raise invalid(f"tools[{i}].function.name must be 1 to 64 of a-z, A-Z, 0-9, _ and -")
+        if name in names:
+            raise invalid(f"tools[{i}].function.name: another tool is named {name!r} already")
+        names.add(name)
+        if not isinstance(function.get("parameters", {}), dict):
+            raise invalid(f"tools[{i}].function.parameters must be a JSON Schema object")
+        if not isinstance(function.get("description", ""), str):
+            raise invalid(f"tools[{i}].function.description must be a string")
+        if not isinstance(function.get("strict", False), bool):
+            raise invalid(f"tools[{i}].function.strict must be true or false")
+    return tuple(tools)
+
+
+def tool_choice_field(fields: dict | MultiDict, tools: tuple[dict, ...]) -> str | dict | None:
+    """`tool_choice`: "none", "auto", "required" or `{"type": "function", "function": {"name"}}`
+    naming one of `tools`."""
+    choice = fields.get("tool_choice")
+    if choice is None:
+        return None
+    if not tools:
+        raise invalid("'tool_choice' is only allowed when 'tools' are given")
+    if choice in TOOL_CHOICES:
+        return choice
+    function = choice.get("function") if isinstance(choice, dict) else None
+    name = function.get("name") if isinstance(function, dict) else None
+    if not isinstance(name, str) or choice.get("type") != "function":
+        raise invalid("'tool_choice' must be 'none', 'auto', 'required'"
+                      " or {'type': 'function', 'function': {'name': ...}}")
+    if name not in {tool["function"]["name"] for tool in tools}:
+        raise invalid(f"'tool_choice' names the function {name!r}, which is not one of 'tools'")
+    return choice
+
+
+def parallel_tool_calls_field(fields: dict | MultiDict) -> bool | None:
+    value = fields.get("parallel_tool_calls")
+    if value is not None and not isinstance(value, bool):
+        raise invalid("'parallel_tool_calls' must be true or false")
+    return value
+
+
+def tool_result_message(result: object, max_chars: int | None = None) -> dict:
+    """A tool's result as the `tool` message the upstream is sent (`content` as text)."""
+    if not isinstance(result, dict) or set(result) - {"role", "tool_call_id", "content"} or \
+            result.get("role", "tool") != "tool":
+        raise invalid("a tool result must be {'tool_call_id': ..., 'content': ...}")
+    call_id = text_field(result, "tool_call_id", 200)
+    if not call_id:
+        raise invalid("a tool result needs its 'tool_call_id'")
+    return {"role": "tool", "tool_call_id": call_id, "content": text_field(result, "content", max_chars) or ""}
+
+
+def tool_results_field(fields: dict | MultiDict, max_chars: int) -> tuple[dict, ...]:
+    """`tool_results`: the turn's input when it answers the previous turn's tool calls."""
+    results = fields.get("tool_results")
+    if results is None:
+        return ()
+    if not isinstance(results, list) or not results:
+        raise invalid("'tool_results' must be a non-empty list of {'tool_call_id': ..., 'content': ...}")
+    checked = []
+    for i, result in enumerate(results):
+        try:
+            checked.append(tool_result_message(result, max_chars))
+        except ApiError as exc:
+            raise invalid(f"tool_results[{i}]: {exc.message}") from None
+    return tuple(checked)
+
+
 def parse_chat_request(fields: dict | MultiDict, max_prompt_chars: int) -> ChatRequest:
-    """The checked request, from `request_fields()`."""
+    """The checked request, from `request_fields()`. Its input is a `prompt`, or `tool_results`
+    in a conversation (`conversation_id`) whose last answer called tools."""
     unknown = sorted(set(fields) - (set(ChatRequest.__dataclass_fields__) - {"history", "store"}))  # /v1's own
     if unknown:
         raise invalid(f"unknown field(s): {', '.join(unknown)}")
+    tool_results = tool_results_field(fields, max_prompt_chars)
+    if tool_results and (fields.get("prompt") is not None or fields.get("conversation_id") is None):
+        raise invalid("'tool_results' answer the tool calls of a conversation: give 'conversation_id', not 'prompt'")
+    tools = tools_field(fields)
     return ChatRequest(
-        prompt=required_prompt(fields, max_prompt_chars),
+        prompt="" if tool_results else required_prompt(fields, max_prompt_chars),
         conversation_id=text_field(fields, "conversation_id", 64),
         model=text_field(fields, "model", 200),
         system=text_field(fields, "system", max_prompt_chars),
         max_tokens=number_field(fields, "max_tokens", int, 1, 1_000_000),
         temperature=number_field(fields, "temperature", float, 0, 2),
+        tools=tools,
+        tool_choice=tool_choice_field(fields, tools),
+        parallel_tool_calls=parallel_tool_calls_field(fields),
+        tool_results=tool_results,
     )

@@ -30,7 +30,15 @@ from .lease import STOPPED, Leaser
 from .live import LiveLog
 from .params import ChatRequest
 from .providers.base import Provider, ProviderError
-from .store import ConversationBusy, ConversationNotFound, Log, Store, StoreUnavailable, TooManyStreams
+from .store import (
+    ConversationBusy,
+    ConversationNotFound,
+    Log,
+    Store,
+    StoreUnavailable,
+    TooManyStreams,
+    UnknownToolCall,
+)
 from .wire import Framing
 
 STREAM_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
@@ -150,12 +158,15 @@ def begin_answer(chat: ChatRequest, resumable: bool = False) -> Answer:
             chat.conversation_id, message_id, chat.prompt, chat.system, model, chat.history,
             # An open service has no keys to count by: only the per-worker limit holds there.
             owner=g.key_id, max_streams=(settings.max_streams_per_key or None) if g.key_id else None,
-            worker=svc.worker, keep=chat.store,
+            worker=svc.worker, keep=chat.store, tool_results=chat.tool_results,
         )
     except ConversationNotFound:
         raise ApiError(404, "not_found", "no such conversation") from None
     except ConversationBusy:
         raise busy() from None
+    except UnknownToolCall as exc:
+        raise ApiError(400, "invalid_request", f"tool_results[{exc.position}]: the conversation's last answer"
+                       f" made no tool call with the id {exc.call_id!r}") from None
     except TooManyStreams:
         raise too_many(f"this API key has {settings.max_streams_per_key} streams open already") from None
     asked = time.monotonic()

@@ -97,7 +97,8 @@ class SSEFraming:
 
 
 class NDJSONFraming:
-    """One JSON object a line; `index` added when the answer is one item of a batch."""
+    """One JSON object a line; `index` added when the answer is one item of a batch (a tool call
+    event's own `index` is then its `call_index`)."""
 
     media_type = "application/x-ndjson"
     heartbeat = b'{"type":"ping"}\n'
@@ -109,8 +110,13 @@ class NDJSONFraming:
         if self.index is None:
             lines = [event_json(event) for _, event in coalesce(events, offset)]
         else:
-            lines = [_json({**event, "index": self.index}) for _, event in coalesce(events, offset)]
+            lines = [_json(self._item(event)) for _, event in coalesce(events, offset)]
         return ("\n".join(lines) + "\n").encode()
+
+    def _item(self, event: dict) -> dict:
+        if "index" in event:
+            return {**event, "call_index": event["index"], "index": self.index}
+        return {**event, "index": self.index}
 
 
 class TextFraming:
@@ -129,12 +135,25 @@ class TextFraming:
         return "".join(out).encode()
 
 
+def tool_call_delta(event: dict) -> str:
+    """A `tool_call_delta` event as a chunk's `delta`, OpenAI's way: the call's `id`, `type` and
+    `function.name` on its first fragment only, then pieces of `function.arguments`."""
+    call: dict = {"index": event["index"]}
+    if "id" in event:
+        call["id"] = event["id"]
+        call["type"] = "function"
+    function = {"name": event["name"]} if "name" in event else {}
+    call["function"] = {**function, "arguments": event["arguments"]}
+    return _json({"tool_calls": [call]})
+
+
 class OpenAIFraming:
     """OpenAI's `data: <chat.completion.chunk>` frames, then `data: [DONE]`.
 
     `start` gives the role chunk, `delta` and `reasoning` give `content` and `reasoning_content`
-    chunks, `done` the chunk with the `finish_reason` (then, when asked, a usage chunk with no
-    choices). An error is `data: {"error": {...}}`, which the SDK raises as `APIError`; it reads
+    chunks, `tool_call_delta` a `tool_calls` chunk (`tool_call_delta()`; the whole `tool_call`
+    gives none), `done` the chunk with the `finish_reason` (then, when asked, a usage chunk with
+    no choices). An error is `data: {"error": {...}}`, which the SDK raises as `APIError`; it reads
     nothing after that, so no `[DONE]` follows. Every chunk is the same JSON around a different
     `delta`: that JSON is built once, at `start`, so that a chunk costs one encoded string.
     """
@@ -159,6 +178,8 @@ class OpenAIFraming:
                 out.append(self._chunk(f'{{"content":{_string(event["text"])}}}'))
             elif kind == "reasoning":
                 out.append(self._chunk(f'{{"reasoning_content":{_string(event["text"])}}}'))
+            elif kind == "tool_call_delta":
+                out.append(self._chunk(tool_call_delta(event)))
             elif kind == "start":
                 self._meta = {
                     "id": f"chatcmpl-{event['message_id']}",

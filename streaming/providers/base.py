@@ -35,8 +35,20 @@ class Finish:
     reason: str
 
 
+@dataclass(frozen=True, slots=True)
+class ToolCallDelta:
+    """A fragment of the tool call number `index` of the answer (OpenAI's `delta.tool_calls[]`):
+    `id` and `name` come on a call's first fragment only; `arguments` is a piece of the JSON text
+    of its arguments, cut anywhere (mid-token too)."""
+
+    index: int
+    id: str | None = None
+    name: str | None = None
+    arguments: str = ""
+
+
 # A plain `str` is answer text: the common case stays the cheapest.
-Chunk = str | Reasoning | Usage | Finish | Status
+Chunk = str | Reasoning | Usage | Finish | Status | ToolCallDelta
 
 
 class ProviderError(Exception):

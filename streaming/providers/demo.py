@@ -3,10 +3,16 @@
 Its answer says which turn of the conversation it is and quotes the prompt verbatim, so any text
 can be pushed through every framing and compared on the way out; given a system prompt, it says
 that it follows it, quoting its start, so that a user can see it was sent.
+
+Offered tools, it calls those whose names the prompt holds (`tool_choice` "required" or naming a
+function forces a call, "none" forbids them; one call only when `parallel_tool_calls` is false),
+with arguments made from each function's JSON Schema (`schema_sample`), streamed in fragments cut
+every few characters, mid-token, as OpenAI's are. Given the tools' results, it quotes each.
 """
 
 from __future__ import annotations
 
+import json
 import re
 import threading
 import time
@@ -14,7 +20,8 @@ import zlib
 from collections.abc import Iterator
 
 from ..config import Settings
-from .base import Chunk, Finish, ProviderError, Usage
+from .base import Chunk, Finish, ProviderError, ToolCallDelta, Usage
+from .schema_sample import sample
 
 _CJK = "\u3040-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uac00-\ud7af\uf900-\ufaff\uff00-\uffef"
 # A token is a run of white space, or white space and then one CJK character or one word.
@@ -29,6 +36,7 @@ _WORDS = tuple(" " + word for word in (
 _HANZI = tuple("流式输出让用户立刻看到回答的每一个字而不必等待全部生成完成")
 _SYSTEM_QUOTE_CHARS = 80  # of a system prompt, up to 32,000 characters long
 _SHORT_PAUSE_S = 0.05  # pauses up to this long sleep; longer ones wait on close()
+_FRAGMENT_CHARS = 6  # of a tool call's arguments, a fragment each
 
 
 def tokenize(text: str) -> list[str]:
@@ -37,6 +45,7 @@ def tokenize(text: str) -> list[str]:
 
 class DemoProvider:
     name = "demo"
+    options = frozenset({"tools", "tool_choice", "parallel_tool_calls"})  # see `tool_calls()`
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
@@ -51,17 +60,26 @@ class DemoProvider:
         return model in self.names
 
     def stream(self, messages: list[dict], params: dict) -> DemoReply:
-        return DemoReply(self.settings, messages, params.get("max_tokens"))
+        return DemoReply(self.settings, messages, params.get("max_tokens"), params)
 
 
 class DemoReply:
-    def __init__(self, settings: Settings, messages: list[dict], max_tokens: int | None) -> None:
+    def __init__(self, settings: Settings, messages: list[dict], max_tokens: int | None,
+                 params: dict | None = None) -> None:
         self.settings = settings
-        self.prompt_tokens = sum(len(tokenize(m["content"])) for m in messages)
+        self.prompt_tokens = sum(len(tokenize(m["content"] or "")) for m in messages)
         turn = sum(1 for m in messages if m["role"] == "user")
         system = next((m["content"] for m in messages if m["role"] == "system"), None)
-        self.tokens = answer_tokens(messages[-1]["content"], turn, settings.demo_tokens, system)
-        self.finish = "stop"
+        params, last = params or {}, messages[-1]
+        functions = last["role"] == "user" and called_functions(
+            last["content"], params.get("tools", ()), params.get("tool_choice"), params.get("parallel_tool_calls"))
+        self.tokens: list[Chunk]
+        if functions:
+            self.tokens, self.finish = call_fragments(last["content"], functions), "tool_calls"
+        elif last["role"] == "tool":
+            self.tokens, self.finish = result_tokens(messages, turn, settings.demo_tokens), "stop"
+        else:
+            self.tokens, self.finish = answer_tokens(last["content"], turn, settings.demo_tokens, system), "stop"
         if max_tokens is not None and max_tokens < len(self.tokens):
             self.tokens, self.finish = self.tokens[:max_tokens], "length"
         self._closed = threading.Event()
@@ -104,7 +122,52 @@ def answer_tokens(prompt: str, turn: int, length: int, system: str | None = None
     else:
         head, filler = f'This is turn {turn}. You said: "{prompt}".', _WORDS
         head += f' I follow the system prompt: "{system}".' if system else ""
-    tokens = tokenize(head)
-    start = zlib.crc32(prompt.encode("utf-8", "surrogatepass")) % len(filler)  # the seed
-    tokens += [filler[(start + i) % len(filler)] for i in range(length - len(tokens))]
-    return tokens
+    return padded(tokenize(head), prompt, filler, length)
+
+
+def padded(tokens: list[str], seed: str, filler: tuple[str, ...], length: int) -> list[str]:
+    """`tokens`, then filler from a place that `seed` picks, up to `length` tokens."""
+    start = zlib.crc32(seed.encode("utf-8", "surrogatepass")) % len(filler)
+    return tokens + [filler[(start + i) % len(filler)] for i in range(length - len(tokens))]
+
+
+def called_functions(prompt: str, tools: list[dict], choice: str | dict | None, parallel: bool | None) -> list[dict]:
+    """The functions of `tools` that the demo calls for `prompt` (see the module's docstring)."""
+    functions = [tool["function"] for tool in tools]
+    if not functions or choice == "none":
+        return []
+    if isinstance(choice, dict):
+        return [f for f in functions if f["name"] == choice["function"]["name"]]
+    named = [f for f in functions if re.search(rf"(?<![\w-]){re.escape(f['name'])}(?![\w-])", prompt)]
+    if not named and choice == "required":
+        named = functions[:1]
+    return named[:1] if parallel is False else named
+
+
+def call_fragments(prompt: str, functions: list[dict]) -> list[Chunk]:
+    """The calls of `functions`, one after another: the first fragment of each with its id and
+    name, then its arguments `_FRAGMENT_CHARS` at a time."""
+    fragments: list[Chunk] = []
+    for index, function in enumerate(functions):
+        name = function["name"]
+        call_id = f"call_{zlib.crc32(f'{index}:{name}:{prompt}'.encode('utf-8', 'surrogatepass')):08x}"
+        arguments = json.dumps(sample({"type": "object", **(function.get("parameters") or {})}), ensure_ascii=False)
+        fragments.append(ToolCallDelta(index, call_id, name))
+        fragments += [ToolCallDelta(index, arguments=arguments[i:i + _FRAGMENT_CHARS])
+                      for i in range(0, len(arguments), _FRAGMENT_CHARS)]
+    return fragments
+
+
+def result_tokens(messages: list[dict], turn: int, length: int) -> list[str]:
+    """The answer to the tools' results that end `messages`: each quoted, with its tool's name."""
+    names = {}
+    for message in messages:
+        for call in message.get("tool_calls") or ():
+            names[call["id"]] = call["function"]["name"]
+    results = []
+    for message in reversed(messages):
+        if message["role"] != "tool":
+            break
+        results.append(f'The tool {names.get(message["tool_call_id"], "")} returned: "{message["content"]}".')
+    head = f"This is turn {turn}. " + " ".join(reversed(results))
+    return padded(tokenize(head), head, _WORDS, length)

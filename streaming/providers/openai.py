@@ -27,7 +27,7 @@ import httpx2
 import openai
 
 from ..config import Settings
-from .base import Chunk, Finish, ProviderError, Reasoning, Usage
+from .base import Chunk, Finish, ProviderError, Reasoning, ToolCallDelta, Usage
 from .http import close_response, sdk_error, sse_data
 
 log = logging.getLogger(__name__)
@@ -41,8 +41,18 @@ def mid_answer_error(error: object) -> ProviderError:
     return ProviderError("upstream_error", "the model server failed mid-answer")
 
 
+def tool_call_deltas(calls: list[dict]) -> Iterator[ToolCallDelta]:
+    """A chunk's `delta.tool_calls`: fragments, `id` and `function.name` on a call's first (a
+    server that sends each call whole in one chunk, as Ollama does, is one fragment a call)."""
+    for position, call in enumerate(calls):
+        function = call.get("function") or {}
+        yield ToolCallDelta(call.get("index", position), call.get("id"), function.get("name"),
+                            function.get("arguments") or "")
+
+
 class OpenAIProvider:
     name = "openai"
+    options = frozenset({"tools", "tool_choice", "parallel_tool_calls"})  # passed upstream as they are
 
     def __init__(self, settings: Settings) -> None:
         self.default_model = settings.llm_model or "gpt-4o-mini"
@@ -115,6 +125,8 @@ class OpenAIReply:
                     yield Reasoning(reasoning)
                 if delta.get("content"):
                     yield delta["content"]
+                if delta.get("tool_calls"):
+                    yield from tool_call_deltas(delta["tool_calls"])
                 finish = choice.get("finish_reason") or finish  # usage comes after it
         except ProviderError:
             raise

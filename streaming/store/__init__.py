@@ -41,6 +41,16 @@ class TooManyStreams(Exception):
     pass
 
 
+class UnknownToolCall(Exception):
+    """A tool result answers a call that the conversation's last answer did not make: the
+    position of that result in the turn's input, and its call id."""
+
+    def __init__(self, position: int, call_id: str) -> None:
+        super().__init__(position, call_id)
+        self.position = position
+        self.call_id = call_id
+
+
 class StoreUnavailable(Exception):
     """The database cannot be reached or written (down, full, read-only): a 503 before a stream
     starts, a `storage_error` event after. The message names the cause, never a URL or password."""
@@ -84,8 +94,11 @@ class Store(Protocol):
         max_streams: int | None = None,
         worker: str = "",
         keep: bool = True,
+        tool_results: tuple[dict, ...] = (),
     ) -> tuple[str, list[dict]]:
-        """Record the user's message and a `streaming` placeholder for the answer, leased to
+        """Record the user's message (or the `tool_results`, `{"role": "tool", "tool_call_id",
+        "content"}` messages, when the turn's input is those; UnknownToolCall when one answers a
+        call that the last answer did not make) and a `streaming` placeholder for the answer, leased to
         `worker`; return the conversation id (a new one when None) and the messages to send:
         system first, then the earlier turns as `{"role", "content"}` dicts, then this prompt.
         `history` (earlier messages the client sent itself) starts a new conversation with those

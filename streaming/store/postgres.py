@@ -69,6 +69,11 @@ SCHEMA = [
     CREATE INDEX conversations_by_history ON conversations (owner, history_hash);
     ALTER TABLE conversations ADD COLUMN keep INTEGER NOT NULL DEFAULT 1;
     """,
+    # version 3: SQLite's version 7 (tool calls: an assistant's, and the call a result answers)
+    """
+    ALTER TABLE messages ADD COLUMN tool_calls TEXT;
+    ALTER TABLE messages ADD COLUMN tool_call_id TEXT;
+    """,
 ]
 MIGRATION_LOCK = 0x5354524D  # any constant the service's processes agree on ("STRM")
 TIMEOUT_S = 5

@@ -16,7 +16,8 @@ from collections.abc import Callable
 from contextlib import AbstractContextManager
 
 from ..config import Settings
-from . import WORKER_LOST, ConversationBusy, ConversationNotFound, Log, TooManyStreams
+from ..tool_calls import message_calls, unknown_call
+from . import WORKER_LOST, ConversationBusy, ConversationNotFound, Log, TooManyStreams, UnknownToolCall
 
 LOST_MESSAGE = "the worker producing this answer stopped before the answer was complete"
 
@@ -37,10 +38,46 @@ def text_of(log: Log) -> str:
     return "".join([e for e in log if type(e) is str])
 
 
-def chain(digest: str | None, role: str, content: str) -> str:
-    """The digest of a conversation's history one message on (see `history_digest`)."""
-    step = json.dumps([digest, role, content], ensure_ascii=False).encode("utf-8", "surrogatepass")
+def chain(digest: str | None, role: str, content: str, tool_calls: list | None = None,
+          tool_call_id: str | None = None) -> str:
+    """The digest of a conversation's history one message on (see `history_digest`); a message's
+    tool calls, or the call a tool's result answers, count too."""
+    fields = [digest, role, content] + ([tool_calls or None, tool_call_id] if tool_calls or tool_call_id else [])
+    step = json.dumps(fields, ensure_ascii=False, sort_keys=True).encode("utf-8", "surrogatepass")
     return hashlib.sha256(step).hexdigest()
+
+
+def step(digest: str | None, message: dict) -> str:
+    return chain(digest, message["role"], message["content"], message.get("tool_calls"), message.get("tool_call_id"))
+
+
+def turn_input(prompt: str, tool_results: tuple[dict, ...]) -> list[dict]:
+    """A turn's input as messages: the tools' results, or else the user's prompt."""
+    return list(tool_results) or [{"role": "user", "content": prompt}]
+
+
+def stored_message(row) -> dict:
+    """A message row as the conversation's message: `{"role", "content"}`, with `tool_calls`
+    (an assistant's) or `tool_call_id` (a tool's result) where it has them."""
+    message = {"role": row["role"], "content": row["content"]}
+    if row["tool_calls"]:
+        message["tool_calls"] = json.loads(row["tool_calls"])
+    if row["tool_call_id"] is not None:
+        message["tool_call_id"] = row["tool_call_id"]
+    return message
+
+
+def message_row(message: dict) -> tuple[str, str, str | None, str | None]:
+    """(role, content, tool_calls, tool_call_id): a message's columns."""
+    calls = message.get("tool_calls")
+    return message["role"], message["content"], calls and encode_log(calls), message.get("tool_call_id")
+
+
+def upstream_message(message: dict) -> dict:
+    """A message as OpenAI's API takes it: an assistant's that only called tools has null content."""
+    if message.get("tool_calls") and not message["content"]:
+        return {**message, "content": None}
+    return message
 
 
 def history_digest(system: str | None, messages: list[dict] | tuple[dict, ...]) -> str:
@@ -52,7 +89,7 @@ def history_digest(system: str | None, messages: list[dict] | tuple[dict, ...]) 
     included). Each turn moves it on by one or two steps of `chain`, from the previous value."""
     digest = chain(None, "system", system or "")
     for message in messages:
-        digest = chain(digest, message["role"], message["content"])
+        digest = step(digest, message)
     return digest
 
 
@@ -88,8 +125,10 @@ class SQLStore:
         max_streams: int | None = None,
         worker: str = "",
         keep: bool = True,
+        tool_results: tuple[dict, ...] = (),
     ) -> tuple[str, list[dict]]:
         now = time.time()
+        inputs = turn_input(prompt, tool_results)
         with self.transaction() as db:
             if max_streams is not None:
                 streaming = db.execute(  # counts no further than the limit, and no dead worker's turn
@@ -101,22 +140,22 @@ class SQLStore:
                     raise TooManyStreams(owner)
             retry = False
             if conversation_id is None and history and keep:
-                conversation_id, retry = self._stored_as(db, now, owner, system, history, prompt)
+                conversation_id, retry = self._stored_as(db, now, owner, system, history, inputs)
             if conversation_id is None:
                 conversation_id = uuid.uuid4().hex
                 db.execute(
                     "INSERT INTO conversations (id, system, owner, created_at, updated_at, history_hash, keep)"
                     " VALUES (?, ?, ?, ?, ?, ?, ?)",
-                    (conversation_id, system, owner, now, now, chain(history_digest(system, history), "user", prompt),
+                    (conversation_id, system, owner, now, now, history_digest(system, [*history, *inputs]),
                      int(keep)),
                 )
                 if history:
                     db.executemany(
-                        "INSERT INTO messages (id, conversation_id, owner, role, content, status, created_at)"
-                        " VALUES (?, ?, ?, ?, ?, 'complete', ?)",
-                        [(uuid.uuid4().hex, conversation_id, owner, m["role"], m["content"], now) for m in history],
+                        "INSERT INTO messages (id, conversation_id, owner, role, content, tool_calls, tool_call_id,"
+                        " status, created_at) VALUES (?, ?, ?, ?, ?, ?, ?, 'complete', ?)",
+                        [(uuid.uuid4().hex, conversation_id, owner, *message_row(m), now) for m in history],
                     )
-                earlier = [{"role": m["role"], "content": m["content"]} for m in history]
+                earlier = list(history)
             else:
                 row = db.execute(
                     "SELECT system FROM conversations WHERE id = ? AND owner = ?" + self.FOR_UPDATE,
@@ -126,45 +165,51 @@ class SQLStore:
                     raise ConversationNotFound(conversation_id)
                 self._reap(db, now, conversation_id)
                 rows = db.execute(
-                    "SELECT id, role, content, status FROM messages WHERE conversation_id = ?"
-                    " ORDER BY created_at, rowid",
+                    "SELECT id, role, content, tool_calls, tool_call_id, status FROM messages"
+                    " WHERE conversation_id = ? ORDER BY created_at, rowid",
                     (conversation_id,),
                 ).fetchall()
                 if any(r["status"] == "streaming" for r in rows):
                     raise ConversationBusy(conversation_id)
-                if retry:  # the failed last turn goes: its retry takes its place
-                    db.executemany("DELETE FROM messages WHERE id = ?", [(r["id"],) for r in rows[-2:]])
-                    rows = rows[:-2]
-                earlier = [{"role": r["role"], "content": r["content"]} for r in rows]
+                if retry:  # the failed last turn (its input, its answer) goes: its retry takes its place
+                    gone = rows[-len(inputs) - 1:]
+                    db.executemany("DELETE FROM messages WHERE id = ?", [(r["id"],) for r in gone])
+                    rows = rows[:-len(gone)]
+                earlier = [stored_message(r) for r in rows]
                 db.execute(
                     "UPDATE conversations SET updated_at = ?, history_hash = ? WHERE id = ?",
-                    (now, chain(history_digest(row["system"], earlier), "user", prompt), conversation_id),
+                    (now, history_digest(row["system"], [*earlier, *inputs]), conversation_id),
                 )
                 system = system if system is not None else row["system"]
+            unknown = unknown_call([*earlier, *inputs], len(earlier))
+            if unknown is not None:
+                raise UnknownToolCall(unknown - len(earlier), inputs[unknown - len(earlier)]["tool_call_id"])
             db.executemany(
-                "INSERT INTO messages (id, conversation_id, owner, role, content, status, model, worker,"
-                " lease_until, created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                "INSERT INTO messages (id, conversation_id, owner, role, content, tool_calls, tool_call_id, status,"
+                " model, worker, lease_until, created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 [
-                    (uuid.uuid4().hex, conversation_id, owner, "user", prompt, "complete", None, None, None, now),
-                    (message_id, conversation_id, owner, "assistant", "", "streaming", model, worker,
+                    *[(uuid.uuid4().hex, conversation_id, owner, *message_row(m), "complete", None, None, None, now)
+                      for m in inputs],
+                    (message_id, conversation_id, owner, "assistant", "", None, None, "streaming", model, worker,
                      now + self.lease_s, now),
                 ],
             )
-        messages = self.trim(earlier) + [{"role": "user", "content": prompt}]
+        messages = [upstream_message(m) for m in self.trim(earlier) + inputs]
         if system:
             messages.insert(0, {"role": "system", "content": system})
         return conversation_id, messages
 
     def _stored_as(
-        self, db, now: float, owner: str, system: str | None, history: tuple[dict, ...], prompt: str
+        self, db, now: float, owner: str, system: str | None, history: tuple[dict, ...], inputs: list[dict]
     ) -> tuple[str | None, bool]:
         """The owner's conversation that the request's earlier messages are, and whether the
         request retries its last turn: (id, False) when they are exactly its messages and its last
         turn is complete; (id, True) when they are its messages but for its last turn, which
-        failed (or was cut short), and that turn's prompt was this one; (None, False) otherwise.
+        failed (or was cut short), and that turn's input (prompt or tool results) was this one;
+        (None, False) otherwise.
         ConversationBusy while the turn it would retry is streaming."""
         following = history_digest(system, history)
-        retried = chain(following, "user", prompt)
+        retried = history_digest(system, [*history, *inputs])
         row = db.execute(
             "SELECT id, history_hash FROM conversations WHERE owner = ? AND history_hash IN (?, ?)"
             " ORDER BY updated_at DESC LIMIT 1" + self.FOR_UPDATE,
@@ -186,13 +231,16 @@ class SQLStore:
         return row["id"], retry
 
     def trim(self, history: list[dict]) -> list[dict]:
-        """The newest turns that fit in the history budget (counted in characters)."""
+        """The newest turns that fit in the history budget (counted in characters); never a tool's
+        result without the call it answers, which an upstream would refuse."""
         budget, kept = self.history_chars, []
         for message in reversed(history):
             budget -= len(message["content"])
             if budget < 0:
                 break
             kept.append(message)
+        while kept and kept[-1]["role"] == "tool":
+            kept.pop()
         return kept[::-1]
 
     def end_turn(self, message_id: str, status: str, log: Log, error_code: str | None) -> None:
@@ -208,12 +256,13 @@ class SQLStore:
             if not conversation["keep"]:
                 db.execute("DELETE FROM conversations WHERE id = ?", (conversation["id"],))
                 return
-            text = text_of(log)
+            text, calls = text_of(log), message_calls(log)
             db.execute(
-                "UPDATE messages SET content = ?, status = ?, error_code = ?, usage = ?, finish_reason = ?,"
-                " ttft_ms = ?, duration_ms = ?, events = ?, finished_at = ? WHERE id = ?",
+                "UPDATE messages SET content = ?, tool_calls = ?, status = ?, error_code = ?, usage = ?,"
+                " finish_reason = ?, ttft_ms = ?, duration_ms = ?, events = ?, finished_at = ? WHERE id = ?",
                 (
                     text,
+                    encode_log(calls) if calls else None,
                     status,
                     error_code,
                     json.dumps(done["usage"]) if "usage" in done else None,
@@ -228,7 +277,7 @@ class SQLStore:
             if status == "complete":  # the conversation's history now ends with this answer
                 db.execute(
                     "UPDATE conversations SET history_hash = ? WHERE id = ?",
-                    (chain(conversation["history_hash"], "assistant", text), conversation["id"]),
+                    (chain(conversation["history_hash"], "assistant", text, calls), conversation["id"]),
                 )
 
     # -- leases ---------------------------------------------------------------------------
@@ -325,8 +374,8 @@ class SQLStore:
             if row is None:
                 return None
             turns = db.execute(
-                "SELECT id, role, content, status, error_code, model, usage, finish_reason, ttft_ms,"
-                " duration_ms, created_at, finished_at FROM messages WHERE conversation_id = ?"
+                "SELECT id, role, content, tool_calls, tool_call_id, status, error_code, model, usage, finish_reason,"
+                " ttft_ms, duration_ms, created_at, finished_at FROM messages WHERE conversation_id = ?"
                 " ORDER BY created_at, rowid",
                 (conversation_id,),
             ).fetchall()
@@ -334,6 +383,7 @@ class SQLStore:
         for turn in turns:
             message = dict(turn)
             message["usage"] = json.loads(message["usage"]) if message["usage"] else None
+            message["tool_calls"] = json.loads(message["tool_calls"]) if message["tool_calls"] else None
             messages.append(message)
         return {**dict(row), "messages": messages}
 

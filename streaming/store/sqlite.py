@@ -100,6 +100,12 @@ SCHEMA = [
     CREATE INDEX conversations_by_history ON conversations (owner, history_hash);
     ALTER TABLE conversations ADD COLUMN keep INTEGER NOT NULL DEFAULT 1;
     """,
+    # version 7: tool calls are messages too: an assistant's calls (JSON, OpenAI's shape) and the
+    # call that a `tool` message's result answers
+    """
+    ALTER TABLE messages ADD COLUMN tool_calls TEXT;
+    ALTER TABLE messages ADD COLUMN tool_call_id TEXT;
+    """,
 ]
 
 
