@@ -19,6 +19,7 @@ for nothing (`NOTHING`). Errors are OpenAI's (`openai_errors`), with `param`.
 from __future__ import annotations
 
 import functools
+import re
 import time
 
 from flask import Blueprint, Response, g, jsonify, request
@@ -27,7 +28,18 @@ from . import openai_errors
 from .chat import replay
 from .errors import ApiError
 from .openai_errors import about, bad
-from .params import ChatRequest, invalid, number_field, request_fields, text_field
+from .params import (
+    ChatRequest,
+    invalid,
+    number_field,
+    parallel_tool_calls_field,
+    request_fields,
+    text_field,
+    tool_choice_field,
+    tool_result_message,
+    tools_field,
+)
+from .tool_calls import unknown_call
 from .turns import begin_answer, collect, service, streamed
 from .wire import ResponsesFraming
 
@@ -94,48 +106,97 @@ def check_types(fields: dict) -> None:
 # -- the request --------------------------------------------------------------------------------
 
 
-def content_text(content: object) -> str:
-    """A message's content as one text: a string, or text parts joined with newlines."""
-    if isinstance(content, str):
-        return text_field({"content": content}, "content")
-    if isinstance(content, list) and content and all(is_text_part(part) for part in content):
-        return "\n".join(text_field(part, "text") for part in content)
-    raise invalid("a message's 'content' must be a string or a list of input_text (or output_text) parts")
-
-
 def is_text_part(part: object) -> bool:
     return isinstance(part, dict) and part.get("type") in TEXT_PARTS and isinstance(part.get("text"), str)
 
 
-def read_item(item: object) -> dict | None:
-    """An input item as a Chat message; None for one that the upstream takes no part of."""
+def content_text(content: object, what: str = "a message's 'content'") -> str:
+    """A message's content (or a tool's output) as one text: a string, or text parts joined
+    with newlines."""
+    if isinstance(content, str):
+        return text_field({"content": content}, "content")
+    if isinstance(content, list) and content and all(is_text_part(part) for part in content):
+        return "\n".join(text_field(part, "text") for part in content)
+    raise invalid(f"{what} must be a string or a list of input_text (or output_text) parts")
+
+
+def read_item(item: object, messages: list[dict]) -> None:
+    """Append the input item to `messages` as a Chat message; function calls join the assistant
+    message before them."""
     if not isinstance(item, dict):
         raise invalid("an input item must be an object")
     kind = item.get("type", "message")
-    if kind == "reasoning":  # the model's own, from an earlier output: a Chat upstream takes none back
-        return None
-    if kind != "message":
-        raise invalid(f"input items of type {kind!r} are not supported (message, function_call and"
-                      " function_call_output are)")
-    role = item.get("role")
-    if role not in ROLES:
-        raise invalid(f"a message's 'role' must be one of: {', '.join(ROLES)}")
-    return {"role": role, "content": content_text(item.get("content"))}
+    if kind == "message":
+        role = item.get("role")
+        if role not in ROLES:
+            raise invalid(f"a message's 'role' must be one of: {', '.join(ROLES)}")
+        messages.append({"role": role, "content": content_text(item.get("content"))})
+    elif kind == "function_call":
+        if not all(isinstance(item.get(name), str) for name in ("call_id", "name", "arguments")):
+            raise invalid("a function_call item needs 'call_id', 'name' and 'arguments' (strings)")
+        call = {"id": item["call_id"], "type": "function",
+                "function": {"name": item["name"], "arguments": item["arguments"]}}
+        if messages and messages[-1]["role"] == "assistant":
+            messages[-1].setdefault("tool_calls", []).append(call)
+        else:
+            messages.append({"role": "assistant", "content": "", "tool_calls": [call]})
+    elif kind == "function_call_output":
+        output = content_text(item.get("output"), "a function_call_output's 'output'")
+        messages.append(tool_result_message({"tool_call_id": item.get("call_id"), "content": output}))
+    elif kind != "reasoning":  # the model's own, from an earlier output: a Chat upstream takes none back
+        raise invalid(f"input items of type {kind!r} are not supported (message, function_call,"
+                      " function_call_output and reasoning are)")
 
 
-def read_input(value: object) -> list[dict]:
-    """The input as Chat messages."""
+def read_input(value: object) -> tuple[list[dict], list[int]]:
+    """The input as Chat messages, and the input item that each one begins with."""
     if isinstance(value, str):
-        return [{"role": "user", "content": value}]
+        return [{"role": "user", "content": value}], [0]
     if not isinstance(value, list) or not value:
         raise bad("input", "'input' must be a string or a non-empty list of items")
-    messages = []
+    messages: list[dict] = []
+    positions: list[int] = []
     for i, item in enumerate(value):
         with about(f"input[{i}]"):
-            message = read_item(item)
-        if message is not None:
-            messages.append(message)
-    return messages
+            read_item(item, messages)
+        positions += [i] * (len(messages) - len(positions))
+    return messages, positions
+
+
+def function_tools(fields: dict) -> tuple[dict, ...]:
+    """Responses' function tools (`{"type": "function", "name", "parameters", "strict",
+    "description"}`) as Chat's, checked as Chat's are (`params.tools_field`)."""
+    tools = fields.get("tools") or []
+    converted = []
+    for i, tool in enumerate(tools):
+        if not isinstance(tool, dict) or tool.get("type") != "function":
+            raise bad(f"tools[{i}]", f"tools[{i}]: only tools of type 'function' are supported")
+        if set(tool) - {"type", "name", "parameters", "strict", "description"}:
+            raise bad(f"tools[{i}]", f"tools[{i}] may hold type, name, parameters, strict and description")
+        function = {k: v for k, v in tool.items() if k != "type" and v is not None}
+        converted.append({"type": "function", "function": function})
+    try:
+        return tools_field({"tools": converted})
+    except ApiError as exc:  # its message names `tools[i].function.<field>`: Chat's shape
+        exc.message = exc.message.replace(".function", "")
+        named = re.match(r"tools\[\d+\]", exc.message)
+        exc.param = named.group() if named else "tools"
+        raise
+
+
+def chat_tool_choice(fields: dict, tools: tuple[dict, ...]) -> str | dict | None:
+    """Responses' `tool_choice` ("none", "auto", "required", `{"type": "function", "name"}`) as
+    Chat's."""
+    choice = fields.get("tool_choice")
+    if isinstance(choice, dict):
+        if choice.get("type") != "function" or set(choice) != {"type", "name"}:
+            raise bad("tool_choice", "'tool_choice' must be 'none', 'auto', 'required' or"
+                      " {'type': 'function', 'name': ...}")
+        choice = {"type": "function", "function": {"name": choice["name"]}}
+    if not tools and choice in ("none", "auto"):  # asks for nothing
+        return None
+    with about("tool_choice"):
+        return tool_choice_field({"tool_choice": choice}, tools)
 
 
 def message_of(response_id: object) -> str | None:
@@ -158,44 +219,64 @@ def stored_turn(response_id: str) -> tuple[dict, dict]:
     return message, conversation
 
 
-def chain(response_id: str, store: bool, more: bool) -> tuple[str | None, list[dict], str | None]:
-    """(conversation id, history, system prompt) of a request that continues `response_id`: its
-    conversation's next turn when it is that conversation's last response, the request adds no
-    history (`more`) and keeps what it says (`store`); otherwise the chain up to it, as history."""
+def as_message(stored: dict) -> dict:
+    """A stored message as the conversation's message (see `store.sql.stored_message`)."""
+    message = {"role": stored["role"], "content": stored["content"]}
+    if stored.get("tool_calls"):
+        message["tool_calls"] = stored["tool_calls"]
+    if stored.get("tool_call_id") is not None:
+        message["tool_call_id"] = stored["tool_call_id"]
+    return message
+
+
+def chain(response_id: str) -> tuple[dict, list[dict], bool]:
+    """The conversation of `response_id`, its messages up to that response, and whether that
+    response is its last."""
     message, conversation = stored_turn(response_id)
     turns = conversation["messages"]
     upto = next(i for i, m in enumerate(turns) if m["id"] == message["id"]) + 1
-    if store and not more and upto == len(turns):
-        return conversation["id"], [], None
-    return None, [{"role": m["role"], "content": m["content"]} for m in turns[:upto]], conversation["system"]
+    return conversation, [as_message(m) for m in turns[:upto]], upto == len(turns)
 
 
 def response_request(fields: dict, max_prompt_chars: int) -> ChatRequest:
-    """The checked request, mapped onto the engine's."""
-    messages = read_input(fields.get("input"))
+    """The checked request, mapped onto the engine's. It continues `previous_response_id`'s
+    conversation (its next turn) when that response is the conversation's last, the input adds
+    no history and the request is stored; otherwise its history is the chain up to that
+    response, then the input's earlier items."""
+    messages, positions = read_input(fields.get("input"))
     with about("instructions"):
         instructions = text_field(fields, "instructions", max_prompt_chars)
     system = [instructions] if instructions else []
     system += [m["content"] for m in messages if m["role"] in SYSTEM_ROLES]
     history = [m for m in messages if m["role"] not in SYSTEM_ROLES]
+    positions = [p for p, m in zip(positions, messages, strict=True) if m["role"] not in SYSTEM_ROLES]
     last = f"input[{len(fields['input']) - 1}]" if isinstance(fields["input"], list) else "input"
-    if not history or history[-1]["role"] != "user":
-        raise bad(last, "the input's last message must be the user's")
-    prompt = history.pop()["content"]
-    if not prompt or len(prompt) > max_prompt_chars:
-        raise bad(last, f"the input's last message must hold 1 to {max_prompt_chars} characters")
+    prompt, tool_results = "", ()
+    if history and history[-1]["role"] == "tool":  # the tools' results are this turn's input
+        answered = next((i for i in range(len(history), 0, -1) if history[i - 1]["role"] != "tool"), 0)
+        history, tool_results = history[:answered], tuple(history[answered:])
+    elif not history or history[-1]["role"] != "user":
+        raise bad(last, "the input's last item must be the user's message, or the outputs of the functions called")
+    else:
+        prompt = history.pop()["content"]
+        if not prompt or len(prompt) > max_prompt_chars:
+            raise bad(last, f"the input's last message must hold 1 to {max_prompt_chars} characters")
     system_prompt = "\n\n".join(system) or None
     if system_prompt and len(system_prompt) > max_prompt_chars:
         raise bad("instructions", f"the instructions hold more than {max_prompt_chars} characters")
     store = fields.get("store") is not False
-    conversation_id = None
-    previous = fields.get("previous_response_id")
-    if previous is not None:
+    conversation_id, earlier = None, []
+    if fields.get("previous_response_id") is not None:
         with about("previous_response_id"):
-            conversation_id, earlier, stored_system = chain(previous, store, bool(history))
-        history = earlier + history
-        if conversation_id is None:
-            system_prompt = system_prompt or stored_system
+            conversation, earlier, at_end = chain(fields["previous_response_id"])
+        if store and at_end and not history:
+            conversation_id = conversation["id"]
+        system_prompt = system_prompt or conversation["system"]
+    unknown = unknown_call([*earlier, *history, *tool_results], len(earlier))
+    if unknown is not None:
+        where = f"input[{positions[unknown - len(earlier)]}]"
+        raise bad(where, f"{where}: no function_call before it has the call_id"
+                  f" {[*earlier, *history, *tool_results][unknown]['tool_call_id']!r}")
     with about("max_output_tokens"):
         max_tokens = number_field(fields, "max_output_tokens", int, 1, 1_000_000)
     with about("temperature"):
@@ -204,6 +285,9 @@ def response_request(fields: dict, max_prompt_chars: int) -> ChatRequest:
         number_field(fields, "top_p", float, 0, 1)
     with about("model"):
         model = text_field(fields, "model", 200)
+    tools = function_tools(fields)
+    with about("parallel_tool_calls"):
+        parallel_tool_calls = parallel_tool_calls_field(fields)
     return ChatRequest(
         prompt=prompt,
         conversation_id=conversation_id,
@@ -211,8 +295,12 @@ def response_request(fields: dict, max_prompt_chars: int) -> ChatRequest:
         system=system_prompt,
         max_tokens=max_tokens,
         temperature=temperature,
-        history=tuple(history),
+        history=() if conversation_id else (*earlier, *history),
         store=store,
+        tools=tools,
+        tool_choice=chat_tool_choice(fields, tools),
+        parallel_tool_calls=parallel_tool_calls,
+        tool_results=tool_results,
     )
 
 
