@@ -273,7 +273,8 @@ class ResponsesFraming:
                     self._close(out, index, finished)
                 usage = event["usage"]
                 self._end["usage"] = {
-                    "input_tokens": usage["prompt_tokens"], "input_tokens_details": {"cached_tokens": 0},
+                    "input_tokens": usage["prompt_tokens"],
+                    "input_tokens_details": {"cached_tokens": 0, "cache_write_tokens": 0},
                     "output_tokens": usage["completion_tokens"], "output_tokens_details": {"reasoning_tokens": 0},
                     "total_tokens": usage["prompt_tokens"] + usage["completion_tokens"],
                 }

@@ -18,6 +18,7 @@ from agents import (
 )
 
 from .conftest import start_server
+from .test_responses_api import checked
 
 WEATHER = {
     "type": "function",
@@ -50,8 +51,8 @@ def weather(arguments: str) -> str:
 
 
 def test_streamed_function_call_then_its_output_by_previous_response_id(sdk):
-    events = list(sdk.responses.create(model="demo", input="what does get_weather say?", tools=[WEATHER],
-                                       stream=True))
+    events = checked(list(sdk.responses.create(model="demo", input="what does get_weather say?", tools=[WEATHER],
+                                               stream=True)))
     assert [e.sequence_number for e in events] == list(range(len(events)))
     added = next(e for e in events if e.type == "response.output_item.added")
     assert added.item.type == "function_call" and added.item.name == "get_weather" and added.item.arguments == ""

@@ -56,9 +56,22 @@ def sse_events(response: requests.Response) -> list[dict]:
     return events
 
 
+def checked(events) -> list:
+    """The SDK parses events leniently (`construct`): validate each as its published type."""
+    from typing import get_args
+
+    from openai.types.responses import ResponseStreamEvent
+
+    union = get_args(ResponseStreamEvent)[0]  # Annotated[Union[...], discriminator]
+    types = {get_args(kind.model_fields["type"].annotation)[0]: kind for kind in get_args(union)}
+    for event in events:
+        types[event.type].model_validate(event.to_dict(), strict=True)
+    return events
+
+
 def test_streamed_text_with_every_typed_event(sdk, upstream):
     upstream.tokens = 12
-    events = list(sdk.responses.create(model=MODEL, input="hello 😀\n\ndata: x", stream=True))
+    events = checked(list(sdk.responses.create(model=MODEL, input="hello 😀\n\ndata: x", stream=True)))
 
     assert [e.sequence_number for e in events] == list(range(len(events)))
     kinds = [e.type for e in events]
@@ -81,6 +94,7 @@ def test_stream_helper_accumulates_reasoning_and_text(sdk, upstream):
                               instructions="be brief") as stream:
         events = list(stream)
         final = stream.get_final_response()
+    checked(list(sdk.responses.retrieve(final.id, stream=True)))
 
     reasoning, message = final.output
     assert reasoning.type == "reasoning" and reasoning.content[0].text == "think " * 3
@@ -103,6 +117,8 @@ def test_whole_response_and_get_of_the_stored_one(sdk, upstream):
     assert upstream.requests[-1]["temperature"] == 0.5
 
     stored = sdk.responses.retrieve(created.id)
+    for response in (created, stored):
+        openai.types.responses.Response.model_validate(response.to_dict(), strict=True)
     assert stored.id == created.id and stored.output_text == created.output_text
     assert stored.output[0].id == created.output[0].id and stored.usage == created.usage
     assert stored.instructions == "dev rules" and stored.created_at == created.created_at
@@ -136,7 +152,7 @@ def test_store_false_keeps_nothing(sdk, server, upstream):
 
 def test_max_output_tokens_gives_incomplete(sdk, upstream):
     upstream.tokens, upstream.finish_reason = 4, "length"  # what an upstream does at the limit
-    events = list(sdk.responses.create(model=MODEL, input="long", max_output_tokens=4, stream=True))
+    events = checked(list(sdk.responses.create(model=MODEL, input="long", max_output_tokens=4, stream=True)))
     assert upstream.requests[-1]["max_tokens"] == 4
     assert events[-1].type == "response.incomplete"
     final = events[-1].response
@@ -148,7 +164,7 @@ def test_max_output_tokens_gives_incomplete(sdk, upstream):
 
 def test_upstream_failure_gives_response_failed(sdk, server, upstream):
     upstream.tokens, upstream.error_after = 10, 3
-    events = list(sdk.responses.create(model=MODEL, input="fail", stream=True))
+    events = checked(list(sdk.responses.create(model=MODEL, input="fail", stream=True)))
     error, failed = events[-2:]
     assert error.type == "error" and error.code == "upstream_error" and SECRET_DETAIL not in error.message
     assert failed.type == "response.failed" and failed.response.status == "failed"
