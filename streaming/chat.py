@@ -88,6 +88,7 @@ def chat_blocking():
         conversation_id=answer.conversation_id,
         message_id=answer.message_id,
         text=answer.text,
+        tool_calls=answer.tool_calls,
         finish_reason=end["finish_reason"],
         usage=end["usage"],
         ttft_ms=end["ttft_ms"],

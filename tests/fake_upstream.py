@@ -26,6 +26,15 @@ Behaviour knobs are plain attributes, read once when a request arrives:
   ``{"reasoning_content": "think "}`` chunks before the content),
   ``finish_reason`` ("stop"; None: no chunk carries one, as some lenient
   servers do).
+* ``tool_calls`` (None): a list of ``{"name", "arguments"}`` (the arguments
+  as JSON text): a request that offers ``tools`` is answered with those calls
+  instead of text, streamed as OpenAI and vLLM stream them (``tool_style``,
+  "openai" or "vllm"): one call after another, the first fragment of each with
+  its ``id`` (``call_<n>_<i>``), ``type`` and ``function.name`` (OpenAI's with
+  ``"arguments": ""``, vLLM's without), then its arguments ``fragment_chars``
+  (3) at a time, cut mid-token; ``finish_reason`` "tool_calls". A fragment
+  counts as a content token for the failures below. A whole (non-streamed)
+  answer has them as ``message.tool_calls``.
 * ``fail_status`` / ``fail_times``: answer chat completions with that HTTP
   status and an OpenAI-shaped error body (its message contains
   ``SECRET_DETAIL``); ``fail_times`` counts down the failing requests
@@ -92,6 +101,9 @@ _DEFAULTS: dict[str, Any] = {
     "ttft_s": 0.0,
     "reasoning_tokens": 0,
     "finish_reason": "stop",
+    "tool_calls": None,
+    "tool_style": "openai",
+    "fragment_chars": 3,
     "fail_status": None,
     "fail_times": None,
     "drop_after": None,
@@ -234,6 +246,31 @@ def answer_tokens(user_content: str, count: int) -> list[str]:
     return [w if i == 0 else " " + w for i, w in enumerate(words[:count])]
 
 
+def _calls(up: FakeUpstream, body: dict[str, Any], answer_id: str) -> list[dict[str, Any]]:
+    """The tool calls to answer ``body`` with (none unless it offers tools), in OpenAI's shape."""
+    if not up.tool_calls or not body.get("tools"):
+        return []
+    return [
+        {"id": f"call_{answer_id[-6:]}_{i}", "type": "function",
+         "function": {"name": call["name"], "arguments": call["arguments"]}}
+        for i, call in enumerate(up.tool_calls)
+    ]
+
+
+def _call_fragments(calls: list[dict[str, Any]], size: int, vllm: bool) -> list[dict[str, Any]]:
+    """The ``delta``s that stream ``calls``, one after another, as OpenAI (or vLLM) sends them."""
+    deltas = []
+    for index, call in enumerate(calls):
+        name, arguments = call["function"]["name"], call["function"]["arguments"]
+        first = {"index": index, "id": call["id"], "type": "function", "function": {"name": name}}
+        if not vllm:
+            first["function"]["arguments"] = ""
+        deltas.append({"tool_calls": [first]})
+        deltas += [{"tool_calls": [{"index": index, "function": {"arguments": arguments[i:i + size]}}]}
+                   for i in range(0, len(arguments), size)]
+    return deltas
+
+
 def _error_body(message: str, err_type: str, code: str | None) -> dict[str, Any]:
     return {"error": {"message": message, "type": err_type, "param": None, "code": code}}
 
@@ -364,6 +401,9 @@ class _Handler(BaseHTTPRequestHandler):
             up._note_client_gone()
             return
         message: dict[str, Any] = {"role": "assistant", "content": "".join(toks)}
+        calls = _calls(up, body, up._new_id())
+        if calls:
+            message = {"role": "assistant", "content": None, "tool_calls": calls}
         if up.reasoning_tokens:
             message["reasoning_content"] = "think " * int(up.reasoning_tokens)
         prompt = _prompt_tokens(body.get("messages"))
@@ -381,7 +421,7 @@ class _Handler(BaseHTTPRequestHandler):
                         "index": 0,
                         "message": message,
                         "logprobs": None,
-                        "finish_reason": "stop",
+                        "finish_reason": "tool_calls" if calls else "stop",
                     }
                 ],
                 "usage": {
@@ -435,23 +475,30 @@ class _Handler(BaseHTTPRequestHandler):
             return dict(base, choices=[choice], **({"usage": None} if include_usage else {}))
 
         self._stream_headers()
-        self._send_frame(chunk({"role": "assistant", "content": ""}))
+        calls = _calls(up, body, base["id"])
+        vllm = self.knobs["tool_style"] == "vllm"
+        self._send_frame(chunk({"role": "assistant", "content": None if calls and not vllm else ""}))
 
-        steps = [("reasoning_content", "think ")] * n_reasoning + [("content", t) for t in toks]
+        steps = [{"reasoning_content": "think "}] * n_reasoning
+        if calls:
+            steps += _call_fragments(calls, int(self.knobs["fragment_chars"]), vllm)
+        else:
+            steps += [{"content": t} for t in toks]
         start = time.monotonic()
-        sent = 0  # content tokens sent so far
-        for i, (field, text) in enumerate(steps):
-            if field == "content" and self._fail_midstream(sent):
+        sent = 0  # content tokens (or tool call fragments) sent so far
+        for i, delta in enumerate(steps):
+            answer = "reasoning_content" not in delta
+            if answer and self._fail_midstream(sent):
                 return False
             if rate and i:
                 self._pause(start + i / rate - time.monotonic())
-            self._send_frame(chunk({field: text}))
-            sent += field == "content"
+            self._send_frame(chunk(delta))
+            sent += answer
         if self._fail_midstream(sent):
             return False
 
         if self.knobs["finish_reason"] is not None:
-            self._send_frame(chunk({}, self.knobs["finish_reason"]))
+            self._send_frame(chunk({}, "tool_calls" if calls else self.knobs["finish_reason"]))
         if include_usage:
             prompt = _prompt_tokens(body.get("messages"))
             completion = len(toks) + n_reasoning

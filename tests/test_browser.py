@@ -4,9 +4,11 @@ inert markup, Chinese text and a phone-sized screen."""
 
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
 
+import openai
 import pytest
 import requests
 from selenium import webdriver
@@ -461,3 +463,30 @@ def test_phone_screen(serve, browser, tmp_path):
     page.find("#conversations .conversation").click()
     page.wait(lambda: not page.find("#sidebar").is_displayed(), "the list to close")
     assert page.wait_reply("done")["answer"] == demo_answer(prompt)
+
+
+def test_tool_calls_and_results_are_shown_as_such(serve, browser):
+    """A conversation an agent had over /v1 with a tool: the call is a labelled block of its name
+    and arguments, not answer text; its result is a block of its own; the answer quotes it."""
+    server = serve()
+    tool = {"type": "function", "function": {"name": "get_weather", "parameters": {
+        "type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}}
+    messages = [{"role": "user", "content": "ask get_weather"}]
+    with openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0) as client:
+        message = client.chat.completions.create(model="demo", messages=messages, tools=[tool]).choices[0].message
+        (call,) = message.tool_calls
+        messages += [message, {"role": "tool", "tool_call_id": call.id, "content": "<b>21 degrees</b>"}]
+        answer = client.chat.completions.create(model="demo", messages=messages, tools=[tool]).choices[0].message
+    page = ChatPage(browser, server.url).open()
+    page.open_conversation("ask get_weather")
+    page.wait(lambda: len(page.find_all("#messages .msg")) == 4, "the stored turns")
+    first, last = page.find_all("#messages .msg.assistant")
+    assert first.find_element(By.CSS_SELECTOR, ".answer").text == ""
+    assert first.find_element(By.CSS_SELECTOR, ".tool-label").text == "Tool call: get_weather"
+    shown = first.find_element(By.CSS_SELECTOR, ".tool code").text
+    assert json.loads(shown) == json.loads(call.function.arguments) and shown != call.function.arguments  # indented
+    result = page.find(".msg.tool")
+    assert result.find_element(By.CSS_SELECTOR, ".tool-label").text == "Tool result"
+    assert result.find_element(By.CSS_SELECTOR, "code").text == "<b>21 degrees</b>"  # as text, not markup
+    assert last.find_element(By.CSS_SELECTOR, ".answer").text == answer.content.strip()
+    assert 'returned: "<b>21 degrees</b>"' in answer.content

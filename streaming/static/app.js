@@ -140,6 +140,28 @@ function renderText(container, text) {
   container.replaceChildren(...nodes);
 }
 
+// A tool call or a tool's result: a labelled block of its JSON (indented when it parses), apart
+// from the answer's text.
+function toolBlock(label, body) {
+  let text = body;
+  try {
+    text = JSON.stringify(JSON.parse(body), null, 2);
+  } catch {
+    // not JSON: shown as it is
+  }
+  const block = el("div", "tool");
+  const pre = el("pre");
+  pre.append(el("code", "", text));
+  block.append(el("div", "tool-label", label), pre);
+  return block;
+}
+
+function addToolResult(message) {
+  const article = el("article", "msg tool");
+  article.append(toolBlock("Tool result", message.content));
+  keepScrolled(() => messages.append(article));
+}
+
 function addUserMessage(text) {
   const article = el("article", "msg user");
   article.append(el("div", "text", text));
@@ -197,6 +219,12 @@ class Reply {
     keepScrolled(() => renderText(this.answer, this.text));
   }
 
+  addToolCall(call) {
+    this.setState("streaming");
+    const block = toolBlock(`Tool call: ${call.function.name}`, call.function.arguments);
+    keepScrolled(() => this.node.insertBefore(block, this.note));
+  }
+
   finish(usage, durationMs) {
     this.setState("done");
     const parts = [];
@@ -224,8 +252,10 @@ class Reply {
 // A stored turn, as GET /conversations/<id> lists it.
 function showStored(message) {
   if (message.role === "user") return addUserMessage(message.content);
+  if (message.role === "tool") return addToolResult(message);
   const reply = new Reply();
   if (message.content) reply.addText(message.content);
+  (message.tool_calls || []).forEach((call) => reply.addToolCall(call));
   if (message.status === "complete") {
     reply.finish(message.usage, message.duration_ms);
   } else if (message.status === "interrupted") {
