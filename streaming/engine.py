@@ -28,7 +28,7 @@ import time
 from collections.abc import Callable, Iterator
 
 from .config import Settings
-from .providers.base import Finish, ProviderError, Reasoning, Reply, Status, ToolCallDelta, Usage
+from .providers.base import ChoiceDelta, Finish, Logprobs, ProviderError, Reasoning, Reply, Status, ToolCallDelta, Usage
 from .store import Log
 from .threads import start_thread
 from .tool_calls import delta_event, message_calls, whole_calls
@@ -121,6 +121,10 @@ class Answer:
                     self._finish(None)  # now: the reply may still read the end of its body
                 elif isinstance(chunk, Status):
                     self._append({"type": "status", "stage": chunk.stage}, token=False)
+                elif isinstance(chunk, Logprobs):
+                    self._append({"type": "logprobs", "content": chunk.content}, token=False)
+                elif isinstance(chunk, ChoiceDelta):
+                    self._append(choice_event(chunk), token=bool(chunk.text))
         except ProviderError as exc:
             error = {"code": exc.code, "message": exc.message}
         except Exception:
@@ -293,6 +297,18 @@ class Answer:
             "idle": f"no token for {s.idle_timeout_s:g} s",
             "total": f"the answer took longer than {s.max_stream_s:g} s",
         }[limit]
+
+
+def choice_event(chunk: ChoiceDelta) -> dict:
+    """`{"type": "choice", "index", "text"?, "logprobs"?, "finish_reason"?}`: what the chunk has."""
+    event = {"type": "choice", "index": chunk.index}
+    if chunk.text:
+        event["text"] = chunk.text
+    if chunk.logprobs:
+        event["logprobs"] = chunk.logprobs
+    if chunk.finish_reason:
+        event["finish_reason"] = chunk.finish_reason
+    return event
 
 
 class Clock:

@@ -16,10 +16,13 @@ What a strict client can rely on:
   "text": ...}` parts (joined with newlines); `name` on a message is ignored; an assistant's
   `tool_calls` (content null) and a `tool` message's `tool_call_id` are kept, and a result whose
   call the assistant before it did not make is a 400 naming the message; images and audio are a 400.
-- Unknown fields are a 400, as at OpenAI. Fields that only tune sampling or label the request
-  are accepted and ignored (`IGNORED`). Fields whose effect the client would miss silently
-  (`n` > 1, `stop`, `logprobs`, a JSON `response_format`, ...) are a 400 unless they ask
-  for nothing (`UNSUPPORTED`).
+- The request is checked against the type the official SDK publishes for it
+  (`openai.types.chat.completion_create_params`, with pydantic, strictly): a field it lacks is a
+  400 ("unrecognized request argument(s)", as at OpenAI), and so is a value of the wrong type
+  (`param` names the field). The fields the service does not read itself are passed on to the
+  provider (`ChatRequest.options`), which declares those it honours: another is a 400 naming it
+  (docs/openai-compatibility.md has the table). `n` > 1 gives every choice, by `index`; the turn
+  saved in the conversation is choice 0.
 - `max_completion_tokens` and `max_tokens` are the same limit (giving both, different, is a 400).
 - Errors are `{"error": {"message", "type", "param", "code"}}` with the status that the SDK maps
   to its exception classes; `code` is this service's stable code. A failure after the stream
@@ -28,9 +31,11 @@ What a strict client can rely on:
 
 from __future__ import annotations
 
+import functools
 import time
 
 from flask import Blueprint, Response, jsonify, request
+from pydantic import TypeAdapter, ValidationError
 from werkzeug.exceptions import HTTPException
 
 from . import openai_errors
@@ -57,28 +62,16 @@ openai_errors.init_app(bp)
 
 SYSTEM_ROLES = ("system", "developer")
 ROLES = (*SYSTEM_ROLES, "user", "assistant", "tool")
-IGNORED = frozenset(
-    "user top_p presence_penalty frequency_penalty seed logit_bias metadata service_tier"
-    " reasoning_effort verbosity prompt_cache_key safety_identifier".split()
-)
-# Accepted only when null or one of these values, which ask for nothing this service lacks.
-UNSUPPORTED: dict[str, tuple] = {
-    "n": (1,),
-    "stop": ("", []),
-    "functions": ([],),
-    "function_call": ("none",),
-    "response_format": ({"type": "text"},),
-    "logprobs": (False,),
-    "top_logprobs": (0,),
-    "modalities": (["text"],),
-    "audio": (),
-    "prediction": (),
-    "web_search_options": (),
-}
-FIELDS = frozenset(
+# The fields this service reads itself; every other field of the SDK's type that is set (and
+# asks for something: `NOTHING`) is an option passed on to the provider, which must honour it.
+OWN_FIELDS = frozenset(
     {"messages", "model", "max_tokens", "max_completion_tokens", "temperature", "stream", "stream_options", "store",
      "tools", "tool_choice", "parallel_tool_calls"}
 )
+NOTHING: dict[str, tuple] = {
+    "n": (1,), "stop": ("", []), "logprobs": (False,), "response_format": ({"type": "text"},),
+    "modalities": (["text"],), "functions": ([],), "function_call": ("none",), "tools": ([],),
+}
 
 
 @bp.before_app_request
@@ -147,14 +140,58 @@ def message_text(message: dict) -> str:
     return text_field(message, "content")
 
 
-def chat_request(fields: dict, max_prompt_chars: int) -> ChatRequest:
-    """The checked request, mapped onto the engine's."""
-    unknown = sorted(set(fields) - FIELDS - IGNORED - UNSUPPORTED.keys())
+@functools.cache
+def sdk_schema(stream: bool) -> tuple[TypeAdapter, frozenset[str]]:
+    """The SDK's type of a request (`CompletionCreateParamsStreaming` or `...NonStreaming`), as a
+    pydantic adapter, and its fields: made once per process, on the first request (importing the
+    SDK takes half a second and `ssl`, which gevent must have patched first)."""
+    from openai.types.chat import completion_create_params as params
+
+    kind = params.CompletionCreateParamsStreaming if stream else params.CompletionCreateParamsNonStreaming
+    return TypeAdapter(kind), kind.__required_keys__ | kind.__optional_keys__
+
+
+def check_fields(fields: dict) -> None:
+    """A 400 for a field that the SDK's type of the request lacks, or whose value is not of its type
+    (`param` names it). `messages` and `tools` are iterables there, which pydantic checks only as
+    they are read: `read_message` checks them. `model` may be left out: the provider's default."""
+    adapter, known = sdk_schema(fields.get("stream") is True)
+    unknown = sorted(set(fields) - known)
     if unknown:
         raise invalid(f"unrecognized request argument(s): {', '.join(unknown)}")
-    for name, accepted in UNSUPPORTED.items():
-        if fields.get(name) is not None and fields[name] not in accepted:
-            raise bad(name, f"'{name}' is not supported by this server")
+    try:
+        adapter.validate_python(fields, strict=True)
+    except ValidationError as exc:
+        errors = [e for e in exc.errors(include_url=False, include_input=False) if e["loc"] != ("model",)
+                  or e["type"] != "missing"]
+        if errors:
+            raise type_error(errors) from None
+
+
+def type_error(errors: list) -> ApiError:
+    """pydantic's errors about one request, as a 400 about the first field they name."""
+    field = errors[0]["loc"][0]
+    same = [e for e in errors if e["loc"][0] == field]
+    if len(same) > 1:  # a union's every member failed: no one message is the right one
+        return bad(field, f"invalid '{field}': it has none of the shapes that OpenAI's API accepts for it")
+    param = "".join(f"[{part}]" if isinstance(part, int) else f".{part}" for part in same[0]["loc"])[1:]
+    return bad(param, f"invalid '{param}': {same[0]['msg'].replace('Input should', 'it should')}")
+
+
+BOUNDS = {"n": (1, 128), "top_logprobs": (0, 20)}  # OpenAI's
+
+
+def request_options(fields: dict) -> dict:
+    """The fields passed on to the provider: those set that the service does not read itself."""
+    for name, (low, high) in BOUNDS.items():
+        with about(name):
+            number_field(fields, name, int, low, high)
+    return {k: v for k, v in fields.items() if k not in OWN_FIELDS and v is not None and v not in NOTHING.get(k, ())}
+
+
+def chat_request(fields: dict, max_prompt_chars: int) -> ChatRequest:
+    """The checked request, mapped onto the engine's."""
+    check_fields(fields)
     messages = fields.get("messages")
     if not isinstance(messages, list) or not messages:
         raise bad("messages", "'messages' must be a non-empty list")
@@ -216,6 +253,7 @@ def chat_request(fields: dict, max_prompt_chars: int) -> ChatRequest:
         tool_choice=tool_choice,
         parallel_tool_calls=parallel_tool_calls,
         tool_results=tool_results,
+        options=request_options(fields),
     )
 
 
@@ -265,11 +303,37 @@ def completion(answer: Answer, created: int) -> Response:
         object="chat.completion",
         created=created,
         model=events[0]["model"],
-        choices=[{"index": 0, "message": message, "logprobs": None, "finish_reason": end["finish_reason"]}],
+        choices=[
+            {"index": 0, "message": message, "logprobs": logprobs_of(events), "finish_reason": end["finish_reason"]},
+            *other_choices(events),
+        ],
         usage=end["usage"],
     )
     response.headers.update({"X-Conversation-Id": answer.conversation_id, "X-Message-Id": answer.message_id})
     return response
+
+
+def logprobs_of(events: list[dict]) -> dict | None:
+    """The answer's (choice 0's) `logprobs`, when it has any."""
+    content = [entry for e in events if e["type"] == "logprobs" for entry in e["content"]]
+    return {"content": content, "refusal": None} if content else None
+
+
+def other_choices(events: list[dict]) -> list[dict]:
+    """The choices after the answer (`n` > 1), whole, by `index`."""
+    choices: dict[int, dict] = {}
+    for event in (e for e in events if e["type"] == "choice"):
+        choice = choices.setdefault(event["index"], {"index": event["index"], "text": [], "logprobs": [],
+                                                     "finish_reason": None})
+        choice["text"].append(event.get("text", ""))
+        choice["logprobs"] += event.get("logprobs", ())
+        choice["finish_reason"] = event.get("finish_reason") or choice["finish_reason"]
+    return [
+        {"index": c["index"], "message": {"role": "assistant", "content": "".join(c["text"])},
+         "logprobs": {"content": c["logprobs"], "refusal": None} if c["logprobs"] else None,
+         "finish_reason": c["finish_reason"]}
+        for c in sorted(choices.values(), key=lambda c: c["index"])
+    ]
 
 
 def add_tool_calls(message: dict, answer: Answer) -> None:

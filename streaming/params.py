@@ -7,7 +7,7 @@ broken stream.
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from flask import Request
 from gunicorn.http.errors import ParseException
@@ -36,6 +36,9 @@ class ChatRequest:
     # The turn's input when it is the results of the tools the previous answer called, instead
     # of a prompt: `{"role": "tool", "tool_call_id", "content"}` messages, in OpenAI's shape.
     tool_results: tuple[dict, ...] = ()
+    # OpenAI's optional fields passed on as they are (`stop`, `seed`, `n`, `logprobs`, ...), those
+    # set to something; the provider must honour each (`turns.check_options`).
+    options: dict = field(default_factory=dict)
 
     def provider_params(self) -> dict:
         """What is passed through to the provider, where set."""
@@ -44,7 +47,7 @@ class ChatRequest:
         params = {k: v for k, v in params.items() if v is not None}
         if self.tools:
             params["tools"] = list(self.tools)
-        return params
+        return {**params, **self.options}
 
 
 def invalid(message: str) -> ApiError:
@@ -210,10 +213,13 @@ def tool_results_field(fields: dict | MultiDict, max_chars: int) -> tuple[dict, 
     return tuple(checked)
 
 
+V1_ONLY = {"history", "store", "options"}  # the OpenAI-compatible API's own
+
+
 def parse_chat_request(fields: dict | MultiDict, max_prompt_chars: int) -> ChatRequest:
     """The checked request, from `request_fields()`. Its input is a `prompt`, or `tool_results`
     in a conversation (`conversation_id`) whose last answer called tools."""
-    unknown = sorted(set(fields) - (set(ChatRequest.__dataclass_fields__) - {"history", "store"}))  # /v1's own
+    unknown = sorted(set(fields) - (set(ChatRequest.__dataclass_fields__) - V1_ONLY))
     if unknown:
         raise invalid(f"unknown field(s): {', '.join(unknown)}")
     tool_results = tool_results_field(fields, max_prompt_chars)

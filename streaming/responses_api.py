@@ -49,8 +49,8 @@ openai_errors.init_app(bp)
 SYSTEM_ROLES = ("system", "developer")
 ROLES = (*SYSTEM_ROLES, "user", "assistant")
 TEXT_PARTS = ("input_text", "output_text")
-# The request type's fields that this service honours (top_p, user, metadata and reasoning are
-# accepted and echoed; the upstream is not asked for them).
+# The request type's fields that this service honours (top_p, user, metadata and reasoning's
+# effort as Chat's options, which the provider must honour).
 HONOURED = frozenset(
     "model input instructions previous_response_id store stream max_output_tokens tools tool_choice"
     " parallel_tool_calls reasoning temperature top_p metadata user".split()
@@ -301,7 +301,19 @@ def response_request(fields: dict, max_prompt_chars: int) -> ChatRequest:
         tool_choice=chat_tool_choice(fields, tools),
         parallel_tool_calls=parallel_tool_calls,
         tool_results=tool_results,
+        options=chat_options(fields),
     )
+
+
+def chat_options(fields: dict) -> dict:
+    """The fields passed on to the provider, in Chat's words (which it must honour:
+    `turns.check_options`)."""
+    reasoning = fields.get("reasoning") or {}
+    if reasoning.get("summary") is not None or reasoning.get("generate_summary") is not None:
+        raise bad("reasoning", "reasoning summaries are not supported (the upstream's reasoning is streamed as is)")
+    options = {"top_p": fields.get("top_p"), "user": fields.get("user"), "metadata": fields.get("metadata"),
+               "reasoning_effort": reasoning.get("effort")}
+    return {k: v for k, v in options.items() if v is not None}
 
 
 def echoed(fields: dict) -> dict:

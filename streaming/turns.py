@@ -144,6 +144,21 @@ def model_for(chat: ChatRequest) -> str:
     return model
 
 
+SERVICE_PARAMS = frozenset({"max_tokens", "temperature"})  # which every provider takes
+
+
+def check_options(chat: ChatRequest) -> None:
+    """A 400 naming a field of `chat` that the provider does not honour: each provider declares the
+    optional fields it does (`options`), and none is dropped silently."""
+    provider = service().provider
+    refused = sorted(set(chat.provider_params()) - SERVICE_PARAMS - getattr(provider, "options", frozenset()))
+    if refused:
+        exc = ApiError(400, "invalid_request", f"'{refused[0]}' is not supported by this server's model"
+                                               f" (the {provider.name} provider)")
+        exc.param = refused[0]  # OpenAI's `param`, for /v1
+        raise exc
+
+
 def begin_answer(chat: ChatRequest, resumable: bool = False) -> Answer:
     """Start answering `chat`. A `resumable` answer (one whose client can come back for the rest:
     SSE's `Last-Event-ID`) runs on for `RESUME_GRACE_S` after its last reader left."""
@@ -151,6 +166,7 @@ def begin_answer(chat: ChatRequest, resumable: bool = False) -> Answer:
     if 0 < settings.max_streams_per_worker <= len(svc.live):
         raise too_many(f"this worker is at its limit of {settings.max_streams_per_worker} streams")
     model = model_for(chat)
+    check_options(chat)
     message_id = uuid.uuid4().hex
     context = {"request_id": g.request_id, "key_id": g.key_id, "endpoint": request.path}
     try:

@@ -166,14 +166,24 @@ class OpenAIFraming:
         self.include_usage = include_usage
         self._meta: dict = {}
         self._head = self._tail = ""
+        self._usage = {"usage": None} if include_usage else {}
+        self._choices: set[int] = set()  # the other choices (`n` > 1) that had their first chunk
 
-    def _chunk(self, delta: str, finish_reason: str = "null") -> str:
-        return f'{self._head}{delta},"logprobs":null,"finish_reason":{finish_reason}{self._tail}'
+    def _chunk(self, delta: str, finish_reason: str = "null", logprobs: str = "null") -> str:
+        return f'{self._head}{delta},"logprobs":{logprobs},"finish_reason":{finish_reason}{self._tail}'
 
     def encode(self, events: list[dict], offset: int) -> bytes:
         out = []
+        previous: dict = {}
         for _, event in coalesce(events, offset):
             kind = event["type"]
+            if kind == "logprobs" or kind == "choice":
+                if kind == "logprobs" and previous.get("type") == "delta":
+                    out.pop()  # the text's chunk, sent again with its logprobs
+                out.append(self._choice_chunk(event, previous))
+                previous = event
+                continue
+            previous = event
             if kind == "delta":
                 out.append(self._chunk(f'{{"content":{_string(event["text"])}}}'))
             elif kind == "reasoning":
@@ -200,6 +210,23 @@ class OpenAIFraming:
                 body = {"message": error["message"], "type": "server_error", "param": None, "code": error["code"]}
                 out.append(f"data: {_json({'error': body})}\n\n")
         return "".join(out).encode()
+
+    def _choice_chunk(self, event: dict, previous: dict) -> str:
+        """The chunk of a `logprobs` event (choice 0's, in the chunk of the text it is about when
+        that is the one before, which the caller drops) or of a `choice` event (another choice,
+        `n` > 1; its first chunk says its role, as choice 0's does)."""
+        if event["type"] == "logprobs":
+            logprobs = _json({"content": event["content"], "refusal": None})
+            delta = f'{{"content":{_string(previous["text"])}}}' if previous.get("type") == "delta" else "{}"
+            return self._chunk(delta, logprobs=logprobs)
+        delta = {"content": event["text"]} if "text" in event else {}
+        if event["index"] not in self._choices:
+            self._choices.add(event["index"])
+            delta = {"role": "assistant", "content": "", **delta}
+        choice = {"index": event["index"], "delta": delta,
+                  "logprobs": {"content": event["logprobs"], "refusal": None} if "logprobs" in event else None,
+                  "finish_reason": event.get("finish_reason")}
+        return f"data: {_json({**self._meta, 'choices': [choice], **self._usage})}\n\n"
 
 
 class ResponsesFraming:

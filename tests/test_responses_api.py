@@ -111,10 +111,12 @@ def test_whole_response_and_get_of_the_stored_one(sdk, upstream):
         {"role": "developer", "content": "dev rules"},
         {"type": "message", "role": "user", "content": [{"type": "input_text", "text": "part one"},
                                                          {"type": "input_text", "text": "part two"}]},
-    ], metadata={"k": "v"}, temperature=0.5)
+    ], metadata={"k": "v"}, temperature=0.5, top_p=0.9, user="u-1", reasoning={"effort": "low"})
     assert created.status == "completed" and created.output_text == upstream.expected_text("part one\npart two")
     assert created.metadata == {"k": "v"} and created.temperature == 0.5
-    assert upstream.requests[-1]["temperature"] == 0.5
+    sent = upstream.requests[-1]
+    assert (sent["temperature"], sent["top_p"], sent["user"], sent["metadata"], sent["reasoning_effort"]) == \
+        (0.5, 0.9, "u-1", {"k": "v"}, "low")
 
     stored = sdk.responses.retrieve(created.id)
     for response in (created, stored):
@@ -216,6 +218,10 @@ BAD = [
     ({"input": "hi", "background": True}, "background"),
     ({"input": "hi", "text": {"format": {"type": "json_object"}}}, "text"),
     ({"input": "hi", "store": "no"}, "store"),
+    ({"input": "hi", "reasoning": {"summary": "auto"}}, "reasoning"),
+    ({"input": "hi", "tool_choice": "required"}, "tool_choice"),
+    ({"input": "hi", "tools": [{"type": "function", "name": "bad name", "parameters": {}, "strict": True}]},
+     "tools[0]"),
 ]
 
 

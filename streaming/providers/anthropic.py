@@ -40,8 +40,21 @@ def mid_answer_error(error: object) -> ProviderError:
     return ProviderError("upstream_error", "the model server failed mid-answer")
 
 
+def mapped_options(params: dict) -> dict:
+    """OpenAI's options in Anthropic's words (those in `AnthropicProvider.options`)."""
+    body: dict = {}
+    if "stop" in params:
+        body["stop_sequences"] = [params["stop"]] if isinstance(params["stop"], str) else list(params["stop"])
+    if "top_p" in params:
+        body["top_p"] = params["top_p"]
+    if "user" in params:
+        body["metadata"] = {"user_id": params["user"]}
+    return body
+
+
 class AnthropicProvider:
     name = "anthropic"
+    options = frozenset({"stop", "top_p", "user"})  # see `mapped_options`; Anthropic has no other
 
     def __init__(self, settings: Settings) -> None:
         self.default_model = settings.llm_model or "claude-sonnet-4-5"
@@ -77,6 +90,7 @@ class AnthropicProvider:
             body["system"] = system
         if "temperature" in params:
             body["temperature"] = params["temperature"]
+        body.update(mapped_options(params))
         if self.thinking_tokens:
             body["thinking"] = {"type": "enabled", "budget_tokens": self.thinking_tokens}
         try:

@@ -47,8 +47,28 @@ class ToolCallDelta:
     arguments: str = ""
 
 
+@dataclass(frozen=True, slots=True)
+class Logprobs:
+    """The log probabilities of the answer text yielded just before: OpenAI's `logprobs.content`
+    entries (`token`, `logprob`, `bytes`, `top_logprobs`), a `logprobs` event."""
+
+    content: list
+
+
+@dataclass(frozen=True, slots=True)
+class ChoiceDelta:
+    """Another choice than the answer (`n` > 1; the answer is choice 0): some of its text, the log
+    probabilities of that text, or its finish reason, a `choice` event. Only choice 0 is saved as
+    the conversation's turn."""
+
+    index: int
+    text: str = ""
+    logprobs: list | None = None
+    finish_reason: str | None = None
+
+
 # A plain `str` is answer text: the common case stays the cheapest.
-Chunk = str | Reasoning | Usage | Finish | Status | ToolCallDelta
+Chunk = str | Reasoning | Usage | Finish | Status | ToolCallDelta | Logprobs | ChoiceDelta
 
 
 class ProviderError(Exception):
@@ -73,6 +93,10 @@ class Reply(Protocol):
 class Provider(Protocol):
     name: str
     default_model: str
+    # The optional request fields it honours (`stop`, `n`, `logprobs`, ...; see
+    # docs/openai-compatibility.md), which reach `stream()` in `params`; a request with another is
+    # refused with a 400 naming it. A provider without `options` honours none of them.
+    options: frozenset[str]
 
     def models(self) -> list[str]: ...
 

@@ -21,6 +21,7 @@ from collections.abc import Iterator
 
 from ..config import Settings
 from .base import Chunk, Finish, ProviderError, ToolCallDelta, Usage
+from .demo_options import OPTIONS, Choices, shaped
 from .schema_sample import sample
 
 _CJK = "\u3040-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uac00-\ud7af\uf900-\ufaff\uff00-\uffef"
@@ -45,7 +46,7 @@ def tokenize(text: str) -> list[str]:
 
 class DemoProvider:
     name = "demo"
-    options = frozenset({"tools", "tool_choice", "parallel_tool_calls"})  # see `tool_calls()`
+    options = frozenset({"tools", "tool_choice", "parallel_tool_calls"}) | OPTIONS  # see `tool_calls()`, `demo_options`
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
@@ -79,9 +80,14 @@ class DemoReply:
         elif last["role"] == "tool":
             self.tokens, self.finish = result_tokens(messages, turn, settings.demo_tokens), "stop"
         else:
-            self.tokens, self.finish = answer_tokens(last["content"], turn, settings.demo_tokens, system), "stop"
-        if max_tokens is not None and max_tokens < len(self.tokens):
-            self.tokens, self.finish = self.tokens[:max_tokens], "length"
+            self.tokens, self.finish = shaped(answer_tokens(last["content"], turn, settings.demo_tokens, system),
+                                              params, tokenize)
+        self.tokens, self.finish = capped(self.tokens, self.finish, max_tokens)
+        self.choices = None  # what `logprobs` and `n` > 1 add
+        if params.get("logprobs") or (params.get("n") or 1) > 1:
+            others = [capped(*shaped(answer_tokens(last["content"], turn, settings.demo_tokens, system, choice),
+                                     params, tokenize), max_tokens) for choice in range(1, params.get("n") or 1)]
+            self.choices = Choices(params, others, _HANZI if _CJK_CHAR.search(last["content"]) else _WORDS)
         self._closed = threading.Event()
 
     def __iter__(self) -> Iterator[Chunk]:
@@ -104,16 +110,26 @@ class DemoReply:
             if self._closed.is_set():
                 return
             yield token
-        yield Usage(self.prompt_tokens, len(self.tokens))
+            if self.choices:
+                yield from self.choices.step(i, token)
+        if self.choices:
+            yield from self.choices.rest(len(self.tokens))
+        yield Usage(self.prompt_tokens, len(self.tokens) + (self.choices.tokens() if self.choices else 0))
         yield Finish(self.finish)
 
     def close(self) -> None:
         self._closed.set()
 
 
-def answer_tokens(prompt: str, turn: int, length: int, system: str | None = None) -> list[str]:
+def capped(tokens: list, finish: str, max_tokens: int | None) -> tuple[list, str]:
+    if max_tokens is not None and max_tokens < len(tokens):
+        return tokens[:max_tokens], "length"
+    return tokens, finish
+
+
+def answer_tokens(prompt: str, turn: int, length: int, system: str | None = None, choice: int = 0) -> list[str]:
     """The demo's answer as tokens: the quote in full (and the system prompt's start), then filler
-    up to `length` tokens."""
+    up to `length` tokens (from another place for each `choice` of an `n` > 1)."""
     if system and len(system) > _SYSTEM_QUOTE_CHARS:
         system = system[:_SYSTEM_QUOTE_CHARS] + "…"
     if _CJK_CHAR.search(prompt):
@@ -122,7 +138,7 @@ def answer_tokens(prompt: str, turn: int, length: int, system: str | None = None
     else:
         head, filler = f'This is turn {turn}. You said: "{prompt}".', _WORDS
         head += f' I follow the system prompt: "{system}".' if system else ""
-    return padded(tokenize(head), prompt, filler, length)
+    return padded(tokenize(head), f"{prompt}\0{choice}" if choice else prompt, filler, length)
 
 
 def padded(tokens: list[str], seed: str, filler: tuple[str, ...], length: int) -> list[str]:

@@ -27,7 +27,7 @@ import httpx2
 import openai
 
 from ..config import Settings
-from .base import Chunk, Finish, ProviderError, Reasoning, ToolCallDelta, Usage
+from .base import ChoiceDelta, Chunk, Finish, Logprobs, ProviderError, Reasoning, ToolCallDelta, Usage
 from .http import close_response, sdk_error, sse_data
 
 log = logging.getLogger(__name__)
@@ -50,9 +50,25 @@ def tool_call_deltas(calls: list[dict]) -> Iterator[ToolCallDelta]:
                             function.get("arguments") or "")
 
 
+def other_choices(choices: list[dict]) -> Iterator[ChoiceDelta]:
+    """A chunk's choices after the answer's (`n` > 1): their text, logprobs and finish reason."""
+    for choice in choices:
+        if choice.get("index"):
+            delta, logprobs = choice.get("delta") or {}, choice.get("logprobs") or {}
+            yield ChoiceDelta(choice["index"], delta.get("content") or "", logprobs.get("content"),
+                              choice.get("finish_reason"))
+
+
 class OpenAIProvider:
     name = "openai"
-    options = frozenset({"tools", "tool_choice", "parallel_tool_calls"})  # passed upstream as they are
+    # Passed upstream as they are. Not: `audio` and `modalities` (no audio here), `functions` and
+    # `function_call` (`tools` replaced them), `web_search_options` and `moderation` (what they
+    # add to an answer is not relayed).
+    options = frozenset({"tools", "tool_choice", "parallel_tool_calls"}) | frozenset({
+        "stop", "seed", "top_p", "presence_penalty", "frequency_penalty", "logit_bias", "response_format",
+        "logprobs", "top_logprobs", "n", "reasoning_effort", "verbosity", "user", "safety_identifier", "metadata",
+        "prediction", "service_tier", "prompt_cache_key", "prompt_cache_options", "prompt_cache_retention",
+    })
 
     def __init__(self, settings: Settings) -> None:
         self.default_model = settings.llm_model or "gpt-4o-mini"
@@ -117,7 +133,13 @@ class OpenAIReply:
                     yield Usage(chunk["usage"]["prompt_tokens"], chunk["usage"]["completion_tokens"])
                 if not chunk.get("choices"):
                     continue
-                choice = chunk["choices"][0]
+                choices = chunk["choices"]
+                choice = choices[0]
+                if len(choices) > 1 or choice.get("index"):  # `n` > 1: other choices, maybe the answer's too
+                    yield from other_choices(choices)
+                    choice = next((c for c in choices if not c.get("index")), None)
+                    if choice is None:
+                        continue
                 delta = choice.get("delta") or {}
                 # vLLM and DeepSeek send `reasoning_content`; newer vLLM and others `reasoning`.
                 reasoning = delta.get("reasoning_content") or delta.get("reasoning")
@@ -125,6 +147,8 @@ class OpenAIReply:
                     yield Reasoning(reasoning)
                 if delta.get("content"):
                     yield delta["content"]
+                if choice.get("logprobs") and choice["logprobs"].get("content"):
+                    yield Logprobs(choice["logprobs"]["content"])
                 if delta.get("tool_calls"):
                     yield from tool_call_deltas(delta["tool_calls"])
                 finish = choice.get("finish_reason") or finish  # usage comes after it
