@@ -82,8 +82,8 @@ class Answer:
         self._lock = threading.Lock()  # for the end of the log and the count of readers
         self._changed = threading.Event()  # set, and replaced, when the log grows
         self._wake_at = math.inf  # when the clock must wake the readers (the first one due)
-        self.tokens = 0  # the deltas in the log
-        self.called = False  # whether the log holds tool call fragments
+        self.tokens = 0  # the deltas (and tool call fragments) in the log
+        self.calls: dict[int, set[str]] = {}  # the tool calls begun, by index (see `delta_event`)
         self._log: Log = [
             {"type": "start", "conversation_id": conversation_id, "message_id": message_id, "model": model},
             {"type": "status", "stage": "thinking"},
@@ -112,11 +112,11 @@ class Answer:
                 elif isinstance(chunk, Usage):
                     self.usage = {"prompt_tokens": chunk.prompt_tokens, "completion_tokens": chunk.completion_tokens}
                 elif isinstance(chunk, ToolCallDelta):
-                    self._append(delta_event(chunk))
-                    self.called = True
+                    self._append(delta_event(chunk, self.calls))
+                    self.tokens += 1
                 elif isinstance(chunk, Finish):
                     self.finish_reason = chunk.reason
-                    if self.called:
+                    if self.calls:
                         self._end_calls()
                     self._finish(None)  # now: the reply may still read the end of its body
                 elif isinstance(chunk, Status):
@@ -219,7 +219,7 @@ class Answer:
     @property
     def tool_calls(self) -> list[dict]:
         """The answer's tool calls in OpenAI's message shape (`tool_calls.message_calls`)."""
-        return message_calls(self._log) if self.called else []
+        return message_calls(self._log) if self.calls else []
 
     # -- stopping -------------------------------------------------------------------------
 

@@ -28,7 +28,7 @@ from flask import Response, copy_current_request_context, current_app, has_reque
 
 from .config import Settings
 from .engine import Answer
-from .providers.base import Chunk, Finish, ProviderError, Reasoning, Status, Usage
+from .providers.base import Chunk, Finish, ProviderError, Reasoning, Status, ToolCallDelta, Usage
 from .threads import start_thread, under_gevent
 from .turns import streamed
 from .wire import Framing, NDJSONFraming, SSEFraming, TextFraming
@@ -121,7 +121,7 @@ class SourceReply:
 
 def chunk(item: object) -> Chunk:
     """What the engine takes from a value of the source: text, or one of the service's events."""
-    if type(item) is str or isinstance(item, (Reasoning, Usage, Finish, Status)):
+    if type(item) is str or isinstance(item, (Reasoning, Usage, Finish, Status, ToolCallDelta)):
         return item
     if isinstance(item, dict):
         kind = item.get("type")
@@ -131,11 +131,14 @@ def chunk(item: object) -> Chunk:
             return Reasoning(str(item["text"]))
         if kind == "status":
             return Status(str(item["stage"]))
+        if kind == "tool_call_delta":
+            return ToolCallDelta(int(item["index"]), item.get("id"), item.get("name"), str(item.get("arguments", "")))
         if kind == "error":
             raise ProviderError(str(item["error"]["code"]), str(item["error"]["message"]), 500)
         if kind == "done":
             return Finish(item.get("finish_reason") or "stop")
-    raise TypeError(f"a stream yields text or events of type delta, reasoning, status, error or done, not {item!r}")
+    raise TypeError("a stream yields text or events of type delta, reasoning, status, tool_call_delta, error or"
+                    f" done, not {item!r}")
 
 
 FRAMINGS = ("sse", "ndjson", "text")

@@ -1,7 +1,7 @@
 """Tool calls: the events an answer's calls are streamed as, and the whole calls they add up to.
 
 A provider yields `ToolCallDelta` fragments; the engine appends each as a `tool_call_delta`
-event (`id` and `name` only on a call's first fragment, as they came) and, once the answer is
+event (`id` and `name` only on a call's first fragment) and, once the answer is
 whole, one `tool_call` event per call with its whole arguments. The stored turn and the whole
 completion hold the calls in OpenAI's message shape (`message_calls`), assembled from the
 fragments, so that a turn cut short keeps the fragments it had.
@@ -14,12 +14,16 @@ from collections.abc import Iterable
 from .providers.base import ToolCallDelta
 
 
-def delta_event(chunk: ToolCallDelta) -> dict:
+def delta_event(chunk: ToolCallDelta, given: dict[int, set[str]]) -> dict:
+    """The fragment's event. A call's `id` and `name` go out once, with the first fragment that
+    has them (`given` keeps count, by index): some servers repeat them on every fragment, and a
+    client that accumulates OpenAI's chunks would join the repeats ("get_weatherget_weather")."""
     event: dict = {"type": "tool_call_delta", "index": chunk.index}
-    if chunk.id is not None:
-        event["id"] = chunk.id
-    if chunk.name is not None:
-        event["name"] = chunk.name
+    keys = given.setdefault(chunk.index, set())
+    for key, value in (("id", chunk.id), ("name", chunk.name)):
+        if value is not None and key not in keys:
+            event[key] = value
+            keys.add(key)
     event["arguments"] = chunk.arguments
     return event
 

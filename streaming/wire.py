@@ -141,6 +141,7 @@ def tool_call_delta(event: dict) -> str:
     call: dict = {"index": event["index"]}
     if "id" in event:
         call["id"] = event["id"]
+    if "name" in event:  # the first fragment, even from a server that gives its calls no id
         call["type"] = "function"
     function = {"name": event["name"]} if "name" in event else {}
     call["function"] = {**function, "arguments": event["arguments"]}

@@ -31,7 +31,8 @@ Behaviour knobs are plain attributes, read once when a request arrives:
   instead of text, streamed as OpenAI and vLLM stream them (``tool_style``,
   "openai" or "vllm"): one call after another, the first fragment of each with
   its ``id`` (``call_<n>_<i>``), ``type`` and ``function.name`` (OpenAI's with
-  ``"arguments": ""``, vLLM's without), then its arguments ``fragment_chars``
+  ``"arguments": ""``, vLLM's without; "repeating": all three again on every
+  fragment, as some servers send them), then its arguments ``fragment_chars``
   (3) at a time, cut mid-token; ``finish_reason`` "tool_calls". A fragment
   counts as a content token for the failures below. A whole (non-streamed)
   answer has them as ``message.tool_calls``.
@@ -257,17 +258,20 @@ def _calls(up: FakeUpstream, body: dict[str, Any], answer_id: str) -> list[dict[
     ]
 
 
-def _call_fragments(calls: list[dict[str, Any]], size: int, vllm: bool) -> list[dict[str, Any]]:
-    """The ``delta``s that stream ``calls``, one after another, as OpenAI (or vLLM) sends them."""
+def _call_fragments(calls: list[dict[str, Any]], size: int, style: str) -> list[dict[str, Any]]:
+    """The ``delta``s that stream ``calls``, one after another, as OpenAI (or vLLM, ...) sends them."""
     deltas = []
     for index, call in enumerate(calls):
         name, arguments = call["function"]["name"], call["function"]["arguments"]
         first = {"index": index, "id": call["id"], "type": "function", "function": {"name": name}}
-        if not vllm:
+        if style != "vllm":
             first["function"]["arguments"] = ""
         deltas.append({"tool_calls": [first]})
-        deltas += [{"tool_calls": [{"index": index, "function": {"arguments": arguments[i:i + size]}}]}
-                   for i in range(0, len(arguments), size)]
+        for i in range(0, len(arguments), size):
+            fragment = {"index": index, "function": {"arguments": arguments[i:i + size]}}
+            if style == "repeating":
+                fragment = {**first, "function": {"name": name, **fragment["function"]}}
+            deltas.append({"tool_calls": [fragment]})
     return deltas
 
 
@@ -476,12 +480,13 @@ class _Handler(BaseHTTPRequestHandler):
 
         self._stream_headers()
         calls = _calls(up, body, base["id"])
-        vllm = self.knobs["tool_style"] == "vllm"
+        style = self.knobs["tool_style"]
+        vllm = style == "vllm"
         self._send_frame(chunk({"role": "assistant", "content": None if calls and not vllm else ""}))
 
         steps = [{"reasoning_content": "think "}] * n_reasoning
         if calls:
-            steps += _call_fragments(calls, int(self.knobs["fragment_chars"]), vllm)
+            steps += _call_fragments(calls, int(self.knobs["fragment_chars"]), style)
         else:
             steps += [{"content": t} for t in toks]
         start = time.monotonic()

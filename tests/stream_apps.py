@@ -82,6 +82,8 @@ def events():
         yield {"type": "reasoning", "text": "let me think"}
         yield "plain "
         yield {"type": "delta", "text": "text"}
+        yield {"type": "tool_call_delta", "index": 0, "id": "call_1", "name": "look_up", "arguments": '{"q": '}
+        yield {"type": "tool_call_delta", "index": 0, "arguments": '"x"}'}
         yield {"type": "done", "finish_reason": "length"}
 
     return stream_response(typed())

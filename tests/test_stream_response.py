@@ -93,8 +93,10 @@ def test_an_exception_ends_the_stream_with_an_error_event(host):
 def test_typed_events_and_the_first_token_deadline(host):
     server, _ = host
     got = read_sse(server.url + "/events", method="GET")
-    assert [(e["type"], e.get("stage") or e.get("text")) for e in got.events[1:-1]] == [
-        ("status", "thinking"), ("status", "searching"), ("reasoning", "let me think"), ("delta", "plain text")]
+    assert [(e["type"], e.get("stage") or e.get("text") or e.get("arguments")) for e in got.events[1:-1]] == [
+        ("status", "thinking"), ("status", "searching"), ("reasoning", "let me think"), ("delta", "plain text"),
+        ("tool_call_delta", '{"q": '), ("tool_call_delta", '"x"}'), ("tool_call", '{"q": "x"}')]
+    assert (got.of("tool_call")[0]["id"], got.of("tool_call")[0]["name"]) == ("call_1", "look_up")
     assert got.events[-1]["finish_reason"] == "length"
     got = read_sse(server.url + "/silent", method="GET")
     assert got.events[-1]["error"]["code"] == "upstream_timeout"

@@ -144,7 +144,7 @@ def test_the_sdk_stream_helper_accumulates_parallel_relayed_calls(relay, upstrea
     assert (sent["tools"], sent["tool_choice"], sent["parallel_tool_calls"]) == (TOOLS, "auto", True)
 
 
-@pytest.mark.parametrize("style", ["openai", "vllm"])
+@pytest.mark.parametrize("style", ["openai", "vllm", "repeating"])
 def test_create_stream_relays_the_fragments_as_openai_sends_them(relay, upstream, style):
     upstream.tool_style = style
     with sdk(relay) as client:
@@ -295,6 +295,14 @@ def test_an_agent_loop_over_v1_resending_the_messages(demo):
     assert [m["role"] for m in stored] == ["user", "assistant", "tool", "tool", "assistant", "user", "assistant"]
 
 
+def logged(server, message_id: str) -> dict:
+    """The stream's log line."""
+    def line() -> dict | None:
+        lines = [json.loads(t) for t in server.log.read_text().splitlines() if f'"message_id": "{message_id}"' in t]
+        return lines[0] if lines else None
+    return wait_for(line, what="the stream's log line")
+
+
 def test_an_agent_loop_over_sse_continued_by_conversation_id(demo):
     got = read_sse(demo.url + "/chat/sse", json_body={"prompt": "Ask get_weather", "tools": TOOLS})
     kinds = [e["type"] for e in got.events]
@@ -309,6 +317,7 @@ def test_an_agent_loop_over_sse_continued_by_conversation_id(demo):
     valid_calls([(call["name"], call["arguments"])], ["get_weather"])
     assert got.events[-1]["finish_reason"] == "tool_calls"
     conversation_id = got.events[0]["conversation_id"]
+    assert logged(demo, got.events[0]["message_id"])["tokens"] == len(got.of("tool_call_delta"))
     result = run_tool(call["name"], call["arguments"])
     answer = read_sse(demo.url + "/chat/sse", json_body={
         "conversation_id": conversation_id, "tool_results": [{"tool_call_id": call["id"], "content": result}]})
