@@ -279,6 +279,8 @@ class ResponsesFraming:
                 index = self._calls.get(event["index"])
                 if index is None:
                     index = self._open_call(out, event)
+                elif "id" in event or "name" in event:  # from a server that sent them after its first fragment
+                    self._name_call(index, event)
                 if event["arguments"]:
                     self._text[index].append(event["arguments"])
                     self._delta(out, index, event["arguments"])
@@ -286,6 +288,7 @@ class ResponsesFraming:
                 index = self._calls.pop(event["index"], None)
                 if index is None:  # a whole call without fragments
                     index = self._open_call(out, event)
+                self._name_call(index, event)
                 self._text[index] = [event["arguments"]]
                 where = {"item_id": self.output[index]["id"], "output_index": index}
                 self._emit(out, "response.function_call_arguments.done", {**where, "arguments": event["arguments"]})
@@ -369,11 +372,16 @@ class ResponsesFraming:
     def _open_call(self, out: list[str], event: dict) -> int:
         if self._open is not None:
             self._close(out, self._open, "completed")
-        item = {"id": f"fc_{self._id[5:]}_{len(self.output)}", "type": "function_call", "call_id": event["id"],
-                "name": event["name"], "arguments": "", "status": "in_progress"}
+        item = {"id": f"fc_{self._id[5:]}_{len(self.output)}", "type": "function_call", "call_id": event.get("id"),
+                "name": event.get("name"), "arguments": "", "status": "in_progress"}
         index = self._add(out, item, "response.function_call_arguments.delta", "")
         self._calls[event["index"]] = index
         return index
+
+    def _name_call(self, index: int, event: dict) -> None:
+        item = self.output[index]
+        item["call_id"] = event.get("id") or item["call_id"]
+        item["name"] = event.get("name") or item["name"]
 
     def _close(self, out: list[str], index: int, status: str) -> None:
         item = self._item(index)

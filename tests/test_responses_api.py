@@ -251,3 +251,41 @@ def test_get_of_another_keys_or_an_unknown_response_is_a_404(server, sdk):
     assert replayed[-1]["type"] == "response.completed"
     assert replayed[-1]["response"]["output"][0]["content"][0]["text"] == \
         response.output_text
+
+
+TOOLS = [{"type": "function", "name": name, "description": f"the {name}", "strict": True,
+          "parameters": {"type": "object", "properties": {"q": {"type": "string"}}, "required": ["q"]}}
+         for name in ("search", "lookup")]
+CALLS = [{"name": "search", "arguments": '{"q": "a long query, cut mid-token"}'},
+         {"name": "lookup", "arguments": '{"q": "ünïcode 😀"}'}]
+
+
+@pytest.mark.parametrize("style", ["openai", "vllm", "repeating"])
+def test_parallel_function_calls_relayed_from_the_upstream(sdk, upstream, style):
+    upstream.tool_calls, upstream.tool_style = CALLS, style
+    with sdk.responses.stream(model=MODEL, input="find it", tools=TOOLS, tool_choice="auto") as stream:
+        events = checked(list(stream))
+        final = stream.get_final_response()
+    sent = upstream.requests[-1]
+    assert sent["tools"] == [{"type": "function", "function": {k: v for k, v in tool.items() if k != "type"}}
+                             for tool in TOOLS] and sent["tool_choice"] == "auto"
+    assert [(c.type, c.name, c.arguments, c.status) for c in final.output] == [
+        ("function_call", call["name"], call["arguments"], "completed") for call in CALLS]
+    assert len({c.call_id for c in final.output}) == 2 and final.status == "completed"
+    by_item = {}
+    for event in events:
+        if event.type == "response.function_call_arguments.delta":
+            by_item.setdefault(event.output_index, []).append(event.delta)
+    assert {i: "".join(d) for i, d in by_item.items()} == {0: CALLS[0]["arguments"], 1: CALLS[1]["arguments"]}
+    assert all(len(d) > 1 for d in by_item.values())  # streamed in fragments
+
+
+def test_a_fault_amid_function_call_fragments_fails_the_response(sdk, upstream):
+    upstream.tool_calls, upstream.error_after = CALLS, 4
+    events = checked(list(sdk.responses.create(model=MODEL, input="find it", tools=TOOLS, stream=True)))
+    assert [e.type for e in events[-2:]] == ["error", "response.failed"]
+    call = events[-1].response.output[0]
+    assert call.type == "function_call" and call.status == "incomplete"
+    assert CALLS[0]["arguments"].startswith(call.arguments) and call.arguments != CALLS[0]["arguments"]
+    stored = sdk.responses.retrieve(events[-1].response.id)  # the partial turn is kept
+    assert stored.status == "failed" and stored.output[0].arguments == call.arguments
