@@ -289,3 +289,22 @@ def test_a_fault_amid_function_call_fragments_fails_the_response(sdk, upstream):
     assert CALLS[0]["arguments"].startswith(call.arguments) and call.arguments != CALLS[0]["arguments"]
     stored = sdk.responses.retrieve(events[-1].response.id)  # the partial turn is kept
     assert stored.status == "failed" and stored.output[0].arguments == call.arguments
+
+
+def test_get_of_one_in_progress_then_stopped(sdk, server, upstream):
+    upstream.tokens, upstream.hang_after = 20, 5  # the model goes silent after 5 tokens
+    with sdk.responses.with_streaming_response.create(model=MODEL, input="wait", stream=True) as raw:
+        conversation_id = raw.headers["X-Conversation-Id"]
+        received = []
+        for event in raw.parse():
+            received.append(event)
+            if sum(e.type == "response.output_text.delta" for e in received) == 5:
+                break
+    text = "".join(e.delta for e in received if e.type == "response.output_text.delta")
+    response_id = received[0].response.id
+    now = sdk.responses.retrieve(response_id)
+    assert now.status == "in_progress" and now.output_text == text and now.output[0].status == "in_progress"
+    stopped = server.post(f"/conversations/{conversation_id}/stop", headers=AUTH)
+    assert stopped.status_code == 200 and stopped.json()["status"] == "interrupted"
+    after = sdk.responses.retrieve(response_id)
+    assert after.status == "failed" and after.output_text == text and after.output[0].status == "incomplete"
