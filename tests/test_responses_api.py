@@ -123,7 +123,8 @@ def test_whole_response_and_get_of_the_stored_one(sdk, upstream):
         openai.types.responses.Response.model_validate(response.to_dict(), strict=True)
     assert stored.id == created.id and stored.output_text == created.output_text
     assert stored.output[0].id == created.output[0].id and stored.usage == created.usage
-    assert stored.instructions == "dev rules" and stored.created_at == created.created_at
+    assert stored.instructions == "dev rules"
+    assert abs(stored.created_at - created.created_at) <= 1  # whole seconds, of two readings of the clock
 
 
 def test_previous_response_id_continues_the_stored_conversation(sdk, upstream):
@@ -150,6 +151,15 @@ def test_store_false_keeps_nothing(sdk, server, upstream):
     with pytest.raises(openai.NotFoundError) as raised:
         sdk.responses.create(model=MODEL, input="and then?", previous_response_id=response.id)
     assert raised.value.body["param"] == "previous_response_id"
+    # Continuing a stored one without storing: the chain goes upstream, nothing new is kept.
+    kept = sdk.responses.create(model=MODEL, input="keep me")
+    conversation_id = server.get(f"/v1/responses/{kept.id}", headers=AUTH).headers["X-Conversation-Id"]
+    before = server.get(f"/conversations/{conversation_id}", headers=AUTH).json()["messages"]
+    unkept = sdk.responses.create(model=MODEL, input="but not me", previous_response_id=kept.id, store=False)
+    assert [m["content"] for m in upstream.requests[-1]["messages"]] == ["keep me", kept.output_text, "but not me"]
+    with pytest.raises(openai.NotFoundError):
+        sdk.responses.retrieve(unkept.id)
+    assert server.get(f"/conversations/{conversation_id}", headers=AUTH).json()["messages"] == before
 
 
 def test_max_output_tokens_gives_incomplete(sdk, upstream):
