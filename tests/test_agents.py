@@ -1,6 +1,6 @@
 """Function tools on /v1/responses and the whole agent loop with the `openai-agents` package, on
 the demo model (which calls the tools that a prompt names, with schema-valid arguments, and
-quotes their results), through real gunicorn (gevent)."""
+quotes their results), through real gunicorn (gevent); and the demo's max_output_tokens."""
 
 from __future__ import annotations
 
@@ -112,3 +112,9 @@ def test_an_agent_with_a_function_tool_runs_its_loop(server, kind):
     assert len(calls) == 1 and isinstance(calls[0]["city"], str) and isinstance(calls[0]["days"], int)
     quoted = f"sunny in {calls[0]['city']} for {calls[0]['days']} days"
     assert f'The tool get_weather returned: "{quoted}".' in result.final_output
+
+
+def test_the_demo_stops_at_max_output_tokens(sdk):
+    response = sdk.responses.create(model="demo", input="count", max_output_tokens=3)
+    assert response.status == "incomplete" and response.incomplete_details.reason == "max_output_tokens"
+    assert response.usage.output_tokens == 3 and response.output_text == "This is turn"
