@@ -70,7 +70,7 @@ OWN_FIELDS = frozenset(
 )
 NOTHING: dict[str, tuple] = {
     "n": (1,), "stop": ("", []), "logprobs": (False,), "response_format": ({"type": "text"},),
-    "modalities": (["text"],), "functions": ([],), "function_call": ("none",), "tools": ([],),
+    "modalities": (["text"],), "functions": ([],), "function_call": ("none",),
 }
 
 
@@ -170,7 +170,7 @@ def check_fields(fields: dict) -> None:
 
 def type_error(errors: list) -> ApiError:
     """pydantic's errors about one request, as a 400 about the first field they name."""
-    field = errors[0]["loc"][0]
+    field = errors[0]["loc"][0]  # the request is a dict: every error is about one of its fields
     same = [e for e in errors if e["loc"][0] == field]
     if len(same) > 1:  # a union's every member failed: no one message is the right one
         return bad(field, f"invalid '{field}': it has none of the shapes that OpenAI's API accepts for it")
@@ -183,9 +183,11 @@ BOUNDS = {"n": (1, 128), "top_logprobs": (0, 20)}  # OpenAI's
 
 def request_options(fields: dict) -> dict:
     """The fields passed on to the provider: those set that the service does not read itself."""
-    for name, (low, high) in BOUNDS.items():
+    for name in BOUNDS.keys() & fields.keys():
         with about(name):
-            number_field(fields, name, int, low, high)
+            number_field(fields, name, int, *BOUNDS[name])
+    if (fields.get("n") or 1) > 1 and fields.get("tools"):  # choice 0's tool calls are the only ones relayed
+        raise bad("n", "'n' > 1 with 'tools' is not supported here")
     return {k: v for k, v in fields.items() if k not in OWN_FIELDS and v is not None and v not in NOTHING.get(k, ())}
 
 

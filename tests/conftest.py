@@ -117,6 +117,16 @@ def needs(available: bool, message: str) -> None:
         pytest.skip(message)
 
 
+def json_schema_validator() -> Callable[[object, dict], None]:
+    """`validate(value, schema)` from jsonschema (formats checked too), which openai-agents
+    brings (requirements-dev.txt): the test is skipped without it, failed in CI."""
+    try:
+        import jsonschema
+    except ImportError:
+        needs(False, "jsonschema is not installed (openai-agents brings it: pip install -r requirements-dev.txt)")
+    return lambda value, schema: jsonschema.validate(value, schema, format_checker=jsonschema.FormatChecker())
+
+
 @pytest.fixture(scope="session")
 def postgres():
     """A PostgreSQL cluster for the whole session (bench/databases.py); each test that uses it

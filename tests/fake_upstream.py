@@ -46,6 +46,10 @@ Behaviour knobs are plain attributes, read once when a request arrives:
   ``error_after`` (an ``{"error": ...}`` frame, then close),
   ``malformed_after`` (``data: {not json``, then close).
 
+A request's ``n`` > 1 streams that many choices, one choice a chunk, by ``index`` (choice i's
+answer starts ``"echo<i>:"``), and ``logprobs`` gives each content chunk its ``logprobs``
+(``top_logprobs`` alternatives), as OpenAI sends them.
+
 Recordings: ``requests`` (JSON bodies, in arrival order), ``last_authorization``,
 ``closed_by_client``, ``connections`` (accepted), ``active_streams``.
 
@@ -209,9 +213,10 @@ class FakeUpstream:
                 raise AssertionError(f"condition not met within {timeout}s: {predicate}")
             time.sleep(0.01)
 
-    def expected_text(self, user_content: str, tokens: int | None = None) -> str:
-        """The full answer text for a last user message of ``user_content``."""
-        return "".join(answer_tokens(user_content, self.tokens if tokens is None else tokens))
+    def expected_text(self, user_content: str, tokens: int | None = None, choice: int = 0) -> str:
+        """The full answer text for a last user message of ``user_content`` (of choice ``choice``
+        when the request's ``n`` > 1)."""
+        return "".join(answer_tokens(user_content, self.tokens if tokens is None else tokens, choice))
 
     # -- internal bookkeeping (called from handler threads) -----------------
 
@@ -240,11 +245,21 @@ class FakeUpstream:
             return f"chatcmpl-fake{self._next_id:06d}"
 
 
-def answer_tokens(user_content: str, count: int) -> list[str]:
-    """``count`` whitespace-led tokens: "echo:", the user's words, then filler."""
-    words = ["echo:"] + user_content.split()
+def answer_tokens(user_content: str, count: int, choice: int = 0) -> list[str]:
+    """``count`` whitespace-led tokens: "echo:" (choice 1's "echo1:", ...), the user's words,
+    then filler."""
+    words = [f"echo{choice or ''}:"] + user_content.split()
     words += [FILLER[i % len(FILLER)] for i in range(max(0, count - len(words)))]
     return [w if i == 0 else " " + w for i, w in enumerate(words[:count])]
+
+
+def token_logprobs(token: str, top: int) -> dict[str, Any]:
+    """OpenAI's ``logprobs`` of a chunk of one token: made-up logprobs, ``top`` alternatives."""
+    def entry(text: str, rank: int) -> dict[str, Any]:
+        return {"token": text, "logprob": -0.25 * (rank + 1), "bytes": list(text.encode())}
+
+    alternatives = [entry(token, 0)] + [entry(" " + FILLER[i], i + 1) for i in range(top - 1)]
+    return {"content": [{**entry(token, 0), "top_logprobs": alternatives[:top]}], "refusal": None}
 
 
 def _calls(up: FakeUpstream, body: dict[str, Any], answer_id: str) -> list[dict[str, Any]]:
@@ -469,11 +484,17 @@ class _Handler(BaseHTTPRequestHandler):
             "system_fingerprint": "fp_fake",
         }
 
-        def chunk(delta: dict[str, Any], finish_reason: str | None = None) -> dict[str, Any]:
+        # ``n`` > 1: each choice's chunks by its index, one choice a chunk, as OpenAI sends them;
+        # ``logprobs``: each content chunk's own (``top_logprobs`` alternatives).
+        n, top = int(body.get("n") or 1), int(body.get("top_logprobs") or 0)
+        others = [answer_tokens(_last_user_text(body.get("messages")), int(up.tokens), i) for i in range(1, n)]
+
+        def chunk(delta: dict[str, Any], finish_reason: str | None = None, index: int = 0) -> dict[str, Any]:
+            logprobs = token_logprobs(delta["content"], top) if body.get("logprobs") and delta.get("content") else None
             choice = {
-                "index": 0,
+                "index": index,
                 "delta": delta,
-                "logprobs": None,
+                "logprobs": logprobs,
                 "finish_reason": finish_reason,
             }
             return dict(base, choices=[choice], **({"usage": None} if include_usage else {}))
@@ -483,6 +504,8 @@ class _Handler(BaseHTTPRequestHandler):
         style = self.knobs["tool_style"]
         vllm = style == "vllm"
         self._send_frame(chunk({"role": "assistant", "content": None if calls and not vllm else ""}))
+        for index in range(1, n):
+            self._send_frame(chunk({"role": "assistant", "content": ""}, index=index))
 
         steps = [{"reasoning_content": "think "}] * n_reasoning
         if calls:
@@ -498,15 +521,20 @@ class _Handler(BaseHTTPRequestHandler):
             if rate and i:
                 self._pause(start + i / rate - time.monotonic())
             self._send_frame(chunk(delta))
+            if "content" in delta:
+                for index, other in enumerate(others, 1):
+                    self._send_frame(chunk({"content": other[sent]}, index=index))
             sent += answer
         if self._fail_midstream(sent):
             return False
 
         if self.knobs["finish_reason"] is not None:
+            for index in range(1, n):
+                self._send_frame(chunk({}, self.knobs["finish_reason"], index))
             self._send_frame(chunk({}, "tool_calls" if calls else self.knobs["finish_reason"]))
         if include_usage:
             prompt = _prompt_tokens(body.get("messages"))
-            completion = len(toks) + n_reasoning
+            completion = len(toks) * n + n_reasoning
             usage = {
                 "prompt_tokens": prompt,
                 "completion_tokens": completion,

@@ -168,8 +168,9 @@ BAD_REQUESTS = [
     ({"max_tokens": 0}, "max_tokens"),
     ({"max_tokens": 5, "max_completion_tokens": 6}, "max_tokens"),
     ({"model": 5}, "model"),
-    ({"n": 2}, "n"),
-    ({"stop": ["\n"]}, "stop"),
+    ({"n": 0}, "n"),
+    ({"stop": 5}, "stop"),
+    ({"audio": {"voice": "alloy", "format": "wav"}}, "audio"),
     ({"tools": [{"type": "function", "function": {"name": "no spaces"}}]}, "tools"),
     ({"tools": [{"type": "function", "function": {"name": "f", "parameters": "{}"}}]}, "tools"),
     ({"tools": [{"type": "retrieval"}]}, "tools"),
@@ -182,7 +183,7 @@ BAD_REQUESTS = [
         {"role": "tool", "tool_call_id": "call_2", "content": "4"}]}, "messages[2]"),
     ({"messages": [*HI, {"role": "assistant", "content": None, "tool_calls": [{"id": "call_1"}]},
                    {"role": "tool", "tool_call_id": "call_1", "content": "4"}]}, "messages[1]"),
-    ({"response_format": {"type": "json_object"}}, "response_format"),
+    ({"response_format": {"type": "xml"}}, "response_format"),
     ({"extra_body": {"frobnicate": 1}}, None),
 ]
 

@@ -18,7 +18,10 @@ from hypothesis import strategies as st
 
 from streaming import create_app
 from streaming.config import Settings
+from streaming.providers.schema_sample import sample
 from streaming.wire import NDJSONFraming, OpenAIFraming, SSEFraming, TextFraming
+
+from .conftest import json_schema_validator
 
 PURE = settings(deadline=None, max_examples=150, database=None)
 APP = settings(deadline=None, max_examples=100, database=None)
@@ -539,3 +542,41 @@ def test_a_reconnect_replays_exactly_the_rest(client, ended_answer, data):
 def test_a_deeply_nested_body_is_a_400(client, path):
     for body in (b"[" * 100_000, b'{"prompt": ' + b'{"a": ' * 50_000):
         assert_json_error(client.post(path, data=body, content_type="application/json", buffered=True), 400)
+
+
+# -- the demo's tool arguments ----------------------------------------------------------------------
+
+
+def schemas(leaf_only: bool = False) -> st.SearchStrategy[dict]:
+    """JSON Schemas as function tools write them: the scalar types with their bounds, enums,
+    nullable types, and objects and arrays of those, nested."""
+    bounds = st.integers(-1000, 1000)
+    number = st.builds(lambda kind, low, span, exclusive, step: {
+        "type": kind, ("exclusiveMinimum" if exclusive else "minimum"): low, "maximum": low + span,
+        **({"multipleOf": step} if step and kind == "integer" else {})},
+        st.sampled_from(["integer", "number"]), bounds, st.integers(2, 500), st.booleans(), st.sampled_from([0, 2, 5]))
+    string = st.one_of(
+        st.builds(lambda low, extra: {"type": "string", "minLength": low, "maxLength": low + extra},
+                  st.integers(0, 30), st.integers(0, 30)),
+        st.sampled_from(["date", "date-time", "email", "uuid", "uri"]).map(lambda f: {"type": "string", "format": f}))
+    scalar = st.one_of(
+        number, string, st.just({"type": "boolean"}), st.just({"type": "integer"}),
+        st.lists(st.one_of(st.text(max_size=5), st.integers()), min_size=1, max_size=4, unique=True).map(
+            lambda values: {"enum": values}),
+        st.sampled_from(["string", "integer", "boolean"]).map(lambda kind: {"type": [kind, "null"]}),
+    )
+    return st.recursive(scalar, lambda inner: st.one_of(
+        st.builds(lambda items, low: {"type": "array", "items": items, "minItems": low}, inner, st.integers(0, 3)),
+        st.dictionaries(st.from_regex(r"[a-z_]{1,12}", fullmatch=True), inner, max_size=4).flatmap(
+            lambda properties: st.builds(lambda required: {
+                "type": "object", "properties": properties, "required": required, "additionalProperties": False},
+                st.lists(st.sampled_from(sorted(properties)), unique=True) if properties else st.just([]))),
+    ), max_leaves=8)
+
+
+@PURE
+@given(schemas())
+def test_the_demos_tool_arguments_satisfy_any_schema(schema):
+    value = sample(schema)
+    json_schema_validator()(value, schema)
+    assert sample(schema) == value  # deterministic

@@ -8,14 +8,16 @@ One gevent server relaying one fake upstream, and one on the demo model, for the
 from __future__ import annotations
 
 import json
+import os
 import sqlite3
+import subprocess
+import sys
 
-import jsonschema
 import openai
 import pytest
 import requests
 
-from .conftest import STORES, start_server, store_url, wait_for
+from .conftest import ROOT, STORES, json_schema_validator, start_server, store_url, wait_for
 from .fake_upstream import FakeUpstream
 from .streams import read_sse
 
@@ -191,7 +193,14 @@ def test_the_tool_history_goes_upstream_on_the_next_turns(relay, upstream):
         "conversation_id": raw.headers["X-Conversation-Id"], "prompt": "get_time again", "tools": TOOLS})
     assert [e["name"] for e in got.of("tool_call")] == ["get_weather", "get_time"]
     answer = {"role": "assistant", "content": upstream.expected_text(ASK_BOTH)}
-    assert upstream.requests[-1]["messages"] == [*history, answer, {"role": "user", "content": "get_time again"}]
+    history += [answer, {"role": "user", "content": "get_time again"}]
+    assert upstream.requests[-1]["messages"] == history
+    # Calls that no result answers (the client asked something else) are not sent: an upstream
+    # refuses an assistant message whose calls have no results after it.
+    read_sse(relay.url + "/chat/sse", json_body={"conversation_id": raw.headers["X-Conversation-Id"],
+                                                 "prompt": "never mind"})
+    assert upstream.requests[-1]["messages"] == [*history, {"role": "assistant", "content": ""},
+                                                 {"role": "user", "content": "never mind"}]
 
 
 @pytest.mark.parametrize("fault", ["error_after", "drop_after"])
@@ -222,8 +231,9 @@ def test_a_fault_amid_the_fragments_is_raised_and_the_partial_turn_kept(relay, u
 def valid_calls(calls: list[tuple[str, str]], names: list[str]) -> None:
     """(name, arguments) pairs: the functions `names`, each with arguments its schema accepts."""
     assert [name for name, _ in calls] == names
+    validate = json_schema_validator()
     for name, arguments in calls:
-        jsonschema.validate(json.loads(arguments), SCHEMAS[name])
+        validate(json.loads(arguments), SCHEMAS[name])
 
 
 def test_the_demo_calls_the_named_tools_with_valid_arguments_every_way(demo):
@@ -293,6 +303,15 @@ def test_an_agent_loop_over_v1_resending_the_messages(demo):
     assert third.parse().choices[0].message.content.startswith('This is turn 2. You said: "thanks".')
     stored = demo.get(f"/conversations/{raw.headers['X-Conversation-Id']}").json()["messages"]
     assert [m["role"] for m in stored] == ["user", "assistant", "tool", "tool", "assistant", "user", "assistant"]
+
+
+def test_the_example_agent_runs_its_tools_and_prints_the_answer(demo):
+    run = subprocess.run([sys.executable, str(ROOT / "examples" / "tool_agent.py"), "Ask get_weather and get_time"],
+                         env={**os.environ, "OPENAI_BASE_URL": demo.url + "/v1"}, capture_output=True, text=True,
+                         timeout=60)
+    assert run.returncode == 0, run.stderr
+    assert 'The tool get_weather returned: "21 degrees and clear in sample city".' in run.stdout
+    assert "The tool get_time returned:" in run.stdout and "[get_time({}) -> " in run.stderr
 
 
 def logged(server, message_id: str) -> dict:
@@ -416,3 +435,20 @@ def test_tool_turns_are_rows_and_continue_on_each_store(kind, request, tmp_path)
             assert json.loads(rows[1][1])[0]["id"] == call.id and rows[2][2] == call.id
     finally:
         server.stop()
+
+
+def test_a_lost_workers_turn_keeps_the_calls_of_its_last_checkpoint(tmp_path):
+    """In the store itself: a turn whose worker stopped renewing its lease mid-call is saved with
+    the fragments of its last checkpoint, as calls."""
+    from streaming.config import Settings
+    from streaming.store.sqlite import SQLiteStore
+
+    store = SQLiteStore(str(tmp_path / "lost.db"), Settings(lease_s=0.0))
+    conversation_id, _ = store.begin_turn(None, "m1", "get_weather", None, "demo", worker="w")
+    store.checkpoint("w", {"m1": [{"type": "start"}, {"type": "tool_call_delta", "index": 0, "id": "call_1",
+                                                      "name": "get_weather", "arguments": '{"ci'}]})
+    assert wait_for(store.reap, what="the lease to run out") == ["m1"]
+    turn = store.conversation(conversation_id)["messages"][-1]
+    assert (turn["status"], turn["error_code"]) == ("interrupted", "worker_lost")
+    assert turn["tool_calls"] == [{"id": "call_1", "type": "function",
+                                   "function": {"name": "get_weather", "arguments": '{"ci'}}]

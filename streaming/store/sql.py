@@ -73,11 +73,21 @@ def message_row(message: dict) -> tuple[str, str, str | None, str | None]:
     return message["role"], message["content"], calls and encode_log(calls), message.get("tool_call_id")
 
 
-def upstream_message(message: dict) -> dict:
-    """A message as OpenAI's API takes it: an assistant's that only called tools has null content."""
-    if message.get("tool_calls") and not message["content"]:
-        return {**message, "content": None}
-    return message
+def upstream_messages(messages: list[dict]) -> list[dict]:
+    """The messages as OpenAI's API takes them: an assistant's that only called tools has null
+    content, and the calls no result answers (a turn that was cut short, or whose client asked
+    something else instead) are left out, since an upstream refuses calls without their results."""
+    answered = {m["tool_call_id"] for m in messages if m["role"] == "tool"}
+    sent = []
+    for message in messages:
+        if message.get("tool_calls"):
+            message = {**message, "tool_calls": [c for c in message["tool_calls"] if c["id"] in answered]}
+            if not message["tool_calls"]:
+                del message["tool_calls"]
+            elif not message["content"]:
+                message["content"] = None
+        sent.append(message)
+    return sent
 
 
 def history_digest(system: str | None, messages: list[dict] | tuple[dict, ...]) -> str:
@@ -194,7 +204,7 @@ class SQLStore:
                      now + self.lease_s, now),
                 ],
             )
-        messages = [upstream_message(m) for m in self.trim(earlier) + inputs]
+        messages = upstream_messages(self.trim(earlier) + inputs)
         if system:
             messages.insert(0, {"role": "system", "content": system})
         return conversation_id, messages
@@ -325,10 +335,11 @@ class SQLStore:
                  "model": row["model"]},
             ]
             log.append({"type": "error", "error": {"code": WORKER_LOST, "message": LOST_MESSAGE}})
+            calls = message_calls(log)
             updated = db.execute(
-                "UPDATE messages SET status = 'interrupted', error_code = ?, content = ?, events = ?, finished_at = ?"
-                " WHERE id = ? AND status = 'streaming'",
-                (WORKER_LOST, text_of(log), encode_log(log), now, row["id"]),
+                "UPDATE messages SET status = 'interrupted', error_code = ?, content = ?, tool_calls = ?, events = ?,"
+                " finished_at = ? WHERE id = ? AND status = 'streaming'",
+                (WORKER_LOST, text_of(log), encode_log(calls) if calls else None, encode_log(log), now, row["id"]),
             )
             if updated.rowcount:
                 reaped.append(row["id"])
