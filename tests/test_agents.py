@@ -92,7 +92,7 @@ def test_stream_helper_with_a_function_tool_and_the_history_sent_back(sdk):
     assert raised.value.body["param"] == "input[1]"
 
 
-@pytest.mark.parametrize("kind", ["responses", "chat_completions"])
+@pytest.mark.parametrize("kind", ["responses", "responses_chained", "chat_completions"])
 def test_an_agent_with_a_function_tool_runs_its_loop(server, kind):
     set_tracing_disabled(True)
     calls = []
@@ -103,15 +103,27 @@ def test_an_agent_with_a_function_tool_runs_its_loop(server, kind):
         calls.append({"city": city, "days": days})
         return f"sunny in {city} for {days} days"
 
-    client = openai.AsyncOpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0)
-    model_class = OpenAIResponsesModel if kind == "responses" else OpenAIChatCompletionsModel
+    sent = []  # the bodies the agent's client sent
+
+    async def record(request) -> None:
+        sent.append(json.loads(request.content))
+
+    client = openai.AsyncOpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0,
+                                http_client=openai.DefaultAsyncHttpxClient(event_hooks={"request": [record]}))
+    model_class = OpenAIChatCompletionsModel if kind == "chat_completions" else OpenAIResponsesModel
     agent = Agent(name="forecaster", instructions="Answer with the tools.", tools=[get_weather],
                   model=model_class(model="demo", openai_client=client))
-    result = Runner.run_sync(agent, "What does get_weather say for Paris?")
+    # Chained: the tool's output goes back with previous_response_id instead of the whole history.
+    result = Runner.run_sync(agent, "What does get_weather say for Paris?",
+                             auto_previous_response_id=kind == "responses_chained")
 
     assert len(calls) == 1 and isinstance(calls[0]["city"], str) and isinstance(calls[0]["days"], int)
     quoted = f"sunny in {calls[0]['city']} for {calls[0]['days']} days"
     assert f'The tool get_weather returned: "{quoted}".' in result.final_output
+    assert len(sent) == 2  # the model asks, the client runs the tool, the model answers
+    if kind == "responses_chained":  # the second request is the tool's output after the first response
+        assert sent[1]["previous_response_id"].startswith("resp_")
+        assert [item["type"] for item in sent[1]["input"]] == ["function_call_output"]
 
 
 def test_the_demo_stops_at_max_output_tokens(sdk):
