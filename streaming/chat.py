@@ -15,7 +15,7 @@ from .turns import (
     streamed,
     streamed_bytes,
 )
-from .wire import SSEFraming, TextFraming
+from .wire import Framing, SSEFraming, TextFraming
 
 bp = Blueprint("chat", __name__)
 
@@ -49,30 +49,35 @@ def no_content() -> Response:
 
 def resume(last_event_id: str, retry_ms: int) -> Response:
     """A reconnect never starts a second answer: it tails the live answer from where the client
-    left (through the live log when another process produces it), replays the rest of an
-    ended one, or gets 204 (which tells EventSource to stop)."""
+    left, replays the rest of an ended one, or gets 204 (which tells EventSource to stop)."""
     message_id, _, seq = last_event_id.partition(":")
     if not (seq.isascii() and seq.isdigit()) or len(seq) > 18:
         return no_content()
-    svc, offset = service(), int(seq) + 1
+    return replay(message_id, SSEFraming(message_id, retry_ms), int(seq) + 1) or no_content()
+
+
+def replay(message_id: str, framing: Framing, offset: int) -> Response | None:
+    """The owner's answer from event `offset` on in `framing`: tailed while it is live (through the
+    live log when another process produces it), the stored rest of an ended one; None when there
+    is no such answer of the owner's, or nothing from `offset` on."""
+    svc = service()
     answer = svc.live.get(message_id)
     if answer is not None and answer.context["key_id"] == g.key_id:
         if offset > answer.size() or (answer.ended and offset == answer.size()):  # nothing left, or
-            return no_content()  # an id this answer has not sent
-        return streamed(answer, SSEFraming(message_id, retry_ms), offset)
+            return None  # an id this answer has not sent
+        return streamed(answer, framing, offset)
     stored = svc.store.message(message_id, g.key_id)
-    if stored is None:
-        return no_content()
-    framing = SSEFraming(message_id, retry_ms)
+    if stored is None or stored["role"] != "assistant":
+        return None
     if stored["status"] == "streaming":  # produced by another worker or host
         batches = svc.live_log.tail(message_id, g.key_id, offset, svc.settings.heartbeat_s)
         body = encode_batches(batches, framing, offset, client_gone())
         return streamed_bytes(body, framing, stored["conversation_id"], message_id)
     events = stored["events"][offset:]
     if not events:
-        return no_content()
+        return None
     headers = {**STREAM_HEADERS, "X-Conversation-Id": stored["conversation_id"], "X-Message-Id": message_id}
-    return Response(framing.encode(events, offset), content_type=SSEFraming.media_type, headers=headers)
+    return Response(framing.encode(events, offset), content_type=framing.media_type, headers=headers)
 
 
 @bp.post("/chat/blocking")

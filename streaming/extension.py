@@ -15,7 +15,7 @@ from collections.abc import Callable
 
 from flask import Blueprint, Flask, g, jsonify, request
 
-from . import auth, batch, chat, conversations, errors, limits, metrics, openai_api, ui
+from . import auth, batch, chat, conversations, errors, limits, metrics, openai_api, responses_api, ui
 from .config import Settings
 from .live import open_live_log
 from .providers import load_provider
@@ -67,7 +67,8 @@ class LLMStreaming:
         auth_mode = auth.init_app(bp, settings.api_keys, self.identify, settings.metrics_key)
         limits.init_app(bp, settings)
         metrics.init_app(bp)
-        for child in (chat.bp, conversations.bp, batch.bp, openai_api.bp, *([ui.bp] if self.page else [])):
+        children = (chat.bp, conversations.bp, batch.bp, openai_api.bp, responses_api.bp)
+        for child in (*children, *([ui.bp] if self.page else [])):
             bp.register_blueprint(child)
 
         @bp.before_request

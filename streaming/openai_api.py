@@ -32,17 +32,16 @@ What a strict client can rely on:
 from __future__ import annotations
 
 import functools
-import logging
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 
 from flask import Blueprint, Response, jsonify, request
 from pydantic import TypeAdapter, ValidationError
 from werkzeug.exceptions import HTTPException
 
+from . import openai_errors
 from .engine import Answer
-from .errors import ApiError, http_error_fields, store_unavailable
+from .errors import ApiError
+from .openai_errors import about, bad, http_error
 from .params import (
     ChatRequest,
     invalid,
@@ -54,15 +53,12 @@ from .params import (
     tool_result_message,
     tools_field,
 )
-from .providers.base import ProviderError
-from .store import StoreUnavailable
 from .tool_calls import unknown_call
 from .turns import begin_answer, collect, service, streamed
 from .wire import OpenAIFraming
 
-log = logging.getLogger(__name__)
-
 bp = Blueprint("openai_api", __name__, url_prefix="/v1")
+openai_errors.init_app(bp)
 
 SYSTEM_ROLES = ("system", "developer")
 ROLES = (*SYSTEM_ROLES, "user", "assistant", "tool")
@@ -76,66 +72,6 @@ NOTHING: dict[str, tuple] = {
     "n": (1,), "stop": ("", []), "logprobs": (False,), "response_format": ({"type": "text"},),
     "modalities": (["text"],), "functions": ([],), "function_call": ("none",),
 }
-_TYPES = {401: "authentication_error", 403: "permission_error", 429: "rate_limit_error"}
-
-
-# -- errors, in OpenAI's shape ------------------------------------------------------------------
-
-
-def openai_error(
-    status: int, code: str, message: str, param: str | None = None, headers: dict | None = None
-) -> Response:
-    if code == "model_not_found":  # OpenAI's status for it; the service's own endpoints answer 400
-        status = 404
-    error_type = _TYPES.get(status, "invalid_request_error" if status < 500 else "server_error")
-    response = jsonify(error={"message": message, "type": error_type, "param": param, "code": code})
-    response.status_code = status
-    response.headers.update(headers or {})
-    return response
-
-
-def bad(param: str, message: str) -> ApiError:
-    """A 400 about the request field `param`."""
-    exc = invalid(message)
-    exc.param = param
-    return exc
-
-
-@contextmanager
-def about(param: str) -> Iterator[None]:
-    """Name the request field that an `ApiError` raised inside is about (OpenAI's `param`)."""
-    try:
-        yield
-    except ApiError as exc:
-        exc.param = param
-        raise
-
-
-@bp.errorhandler(ApiError)
-def api_error(exc: ApiError) -> Response:
-    return openai_error(exc.status, exc.code, exc.message, getattr(exc, "param", None), exc.headers)
-
-
-@bp.errorhandler(ProviderError)
-def provider_error(exc: ProviderError) -> Response:
-    return openai_error(exc.status, exc.code, exc.message)
-
-
-@bp.errorhandler(StoreUnavailable)
-def store_error(exc: StoreUnavailable) -> Response:
-    return api_error(store_unavailable(exc))
-
-
-@bp.errorhandler(HTTPException)
-def http_error(exc: HTTPException) -> Response:
-    status, code, message, headers = http_error_fields(exc)
-    return openai_error(status, code, message, headers=headers)
-
-
-@bp.errorhandler(Exception)
-def unexpected(exc: Exception) -> Response:
-    log.exception("unhandled error")
-    return openai_error(500, "internal_error", "the server failed to answer; see its log")
 
 
 @bp.before_app_request

@@ -235,3 +235,185 @@ class OpenAIFraming:
                   "logprobs": {"content": event["logprobs"], "refusal": None} if "logprobs" in event else None,
                   "finish_reason": event.get("finish_reason")}
         return f"data: {_json({**self._meta, 'choices': [choice], **self._usage})}\n\n"
+
+
+class ResponsesFraming:
+    """OpenAI's Responses stream: typed events (`event: <type>`, `data: <json>`), each with its
+    `sequence_number`, and the `Response` object that they build (`response()`).
+
+    An answer's events become output items: its reasoning a `reasoning` item (`reasoning_text`
+    content), its text a `message` item, each tool call a `function_call` item. An item opens at
+    its first event (`output_item.added`, `content_part.added`) and closes when another kind of
+    item begins or the answer ends (`*.done`, `output_item.done`). Nothing is coalesced, so the
+    numbering is the same on every read of the same log: a reader resuming after event N
+    (`starting_after`) reads the log from its start and is sent what follows N. Every delta of
+    an item is the same JSON around a different fragment: built once, when the item opens.
+    """
+
+    media_type = "text/event-stream"
+    heartbeat = b": ping\n\n"
+
+    def __init__(self, response: dict, starting_after: int = -1) -> None:
+        self.base = response  # what the request says of the Response: created_at, instructions, tools, ...
+        self.after = starting_after
+        self.seq = 0
+        self.status = "in_progress"
+        self.output: list[dict] = []
+        self._text: dict[int, list[str]] = {}  # fragments of each open item's text, by output index
+        self._heads: dict[int, str] = {}  # the JSON before a delta of each open item
+        self._open: int | None = None  # the open reasoning or message item
+        self._calls: dict[int, int] = {}  # a tool call's index -> its open item
+        self._end: dict = {"usage": None, "error": None, "incomplete_details": None}
+        self._id = ""
+
+    def response(self) -> dict:
+        """The Response as the events so far have built it."""
+        output = [self._item(i) for i in range(len(self.output))]
+        return {**self.base, "id": self._id, "object": "response", "status": self.status, "output": output,
+                **self._end}
+
+    def encode(self, events: list[dict], offset: int) -> bytes:
+        out: list[str] = []
+        for event in events:
+            kind = event["type"]
+            if kind == "delta" or kind == "reasoning":
+                index = self._open
+                if index is None or self.output[index]["type"] != ("message" if kind == "delta" else "reasoning"):
+                    index = self._open_text(out, kind)
+                self._text[index].append(event["text"])
+                self._delta(out, index, event["text"])
+            elif kind == "tool_call_delta":
+                index = self._calls.get(event["index"])
+                if index is None:
+                    index = self._open_call(out, event)
+                elif "id" in event or "name" in event:  # from a server that sent them after its first fragment
+                    self._name_call(index, event)
+                if event["arguments"]:
+                    self._text[index].append(event["arguments"])
+                    self._delta(out, index, event["arguments"])
+            elif kind == "tool_call":
+                index = self._calls.pop(event["index"], None)
+                if index is None:  # a whole call without fragments
+                    index = self._open_call(out, event)
+                self._name_call(index, event)
+                self._text[index] = [event["arguments"]]
+                where = {"item_id": self.output[index]["id"], "output_index": index}
+                self._emit(out, "response.function_call_arguments.done", {**where, "arguments": event["arguments"]})
+                self._close(out, index, "completed")
+            elif kind == "start":
+                self._id = f"resp_{event['message_id']}"
+                self.base = {**self.base, "model": event["model"]}
+                self._emit(out, "response.created", {"response": self.response()})
+                self._emit(out, "response.in_progress", {"response": self.response()})
+            elif kind == "done":
+                finished = "incomplete" if event["finish_reason"] == "length" else "completed"
+                for index in self._open_items():
+                    self._close(out, index, finished)
+                usage = event["usage"]
+                self._end["usage"] = {
+                    "input_tokens": usage["prompt_tokens"],
+                    "input_tokens_details": {"cached_tokens": 0, "cache_write_tokens": 0},
+                    "output_tokens": usage["completion_tokens"], "output_tokens_details": {"reasoning_tokens": 0},
+                    "total_tokens": usage["prompt_tokens"] + usage["completion_tokens"],
+                }
+                self.status = finished
+                if finished == "incomplete":
+                    self._end["incomplete_details"] = {"reason": "max_output_tokens"}
+                self._emit(out, f"response.{finished}", {"response": self.response()})
+            elif kind == "error":
+                for index in self._open_items():  # cut short: left as they were, without their `done`
+                    self.output[index]["status"] = "incomplete"
+                self._open, self._calls = None, {}
+                error = event["error"]
+                self._emit(out, "error", {"code": error["code"], "message": error["message"], "param": None})
+                code = "rate_limit_exceeded" if error["code"] == "rate_limited" else "server_error"
+                self._end["error"] = {"code": code, "message": error["message"]}
+                self.status = "failed"
+                self._emit(out, "response.failed", {"response": self.response()})
+        return "".join(out).encode()
+
+    # -- items ------------------------------------------------------------------------------
+
+    def _item(self, index: int) -> dict:
+        """The output item at `index`, with its text so far."""
+        item = self.output[index]
+        if index not in self._text:
+            return item
+        text = "".join(self._text[index])
+        if item["type"] == "function_call":
+            return {**item, "arguments": text}
+        part = {"type": "output_text", "text": text, "annotations": [], "logprobs": []} if item["type"] == "message" \
+            else {"type": "reasoning_text", "text": text}
+        return {**item, "content": [part]}
+
+    def _open_items(self) -> list[int]:
+        return sorted({*([] if self._open is None else [self._open]), *self._calls.values()})
+
+    def _add(self, out: list[str], item: dict, delta_type: str, delta_fields: str) -> int:
+        index = len(self.output)
+        self.output.append(item)
+        self._text[index] = []
+        self._emit(out, "response.output_item.added", {"output_index": index, "item": self._item(index)})
+        self._heads[index] = (f'event: {delta_type}\ndata: {{"type":"{delta_type}","item_id":{_string(item["id"])},'
+                              f'"output_index":{index},{delta_fields}"delta":')
+        return index
+
+    def _open_text(self, out: list[str], kind: str) -> int:
+        if self._open is not None:
+            self._close(out, self._open, "completed")
+        n = len(self.output)
+        if kind == "delta":
+            item = {"id": f"msg_{self._id[5:]}_{n}", "type": "message", "role": "assistant", "status": "in_progress",
+                    "content": []}
+            index = self._add(out, item, "response.output_text.delta", '"content_index":0,"logprobs":[],')
+        else:
+            item = {"id": f"rs_{self._id[5:]}_{n}", "type": "reasoning", "summary": [], "status": "in_progress",
+                    "content": []}
+            index = self._add(out, item, "response.reasoning_text.delta", '"content_index":0,')
+        part = self._item(index)["content"][0]
+        self._emit(out, "response.content_part.added",
+                   {"item_id": item["id"], "output_index": index, "content_index": 0, "part": part})
+        self._open = index
+        return index
+
+    def _open_call(self, out: list[str], event: dict) -> int:
+        if self._open is not None:
+            self._close(out, self._open, "completed")
+        item = {"id": f"fc_{self._id[5:]}_{len(self.output)}", "type": "function_call", "call_id": event.get("id"),
+                "name": event.get("name"), "arguments": "", "status": "in_progress"}
+        index = self._add(out, item, "response.function_call_arguments.delta", "")
+        self._calls[event["index"]] = index
+        return index
+
+    def _name_call(self, index: int, event: dict) -> None:
+        item = self.output[index]
+        item["call_id"] = event.get("id") or item["call_id"]
+        item["name"] = event.get("name") or item["name"]
+
+    def _close(self, out: list[str], index: int, status: str) -> None:
+        item = self._item(index)
+        if item["type"] != "function_call":
+            part = item["content"][0]
+            done = "response.output_text.done" if item["type"] == "message" else "response.reasoning_text.done"
+            where = {"item_id": item["id"], "output_index": index, "content_index": 0}
+            extra = {"logprobs": []} if item["type"] == "message" else {}
+            self._emit(out, done, {**where, "text": part["text"], **extra})
+            self._emit(out, "response.content_part.done", {**where, "part": part})
+        item["status"] = status
+        self.output[index] = item
+        del self._text[index], self._heads[index]
+        if self._open == index:
+            self._open = None
+        self._emit(out, "response.output_item.done", {"output_index": index, "item": item})
+
+    # -- events ---------------------------------------------------------------------------
+
+    def _emit(self, out: list[str], kind: str, fields: dict) -> None:
+        seq, self.seq = self.seq, self.seq + 1
+        if seq > self.after:
+            out.append(f"event: {kind}\ndata: {_json({'type': kind, **fields, 'sequence_number': seq})}\n\n")
+
+    def _delta(self, out: list[str], index: int, text: str) -> None:
+        seq, self.seq = self.seq, self.seq + 1
+        if seq > self.after:
+            out.append(f'{self._heads[index]}{_string(text)},"sequence_number":{seq}}}\n\n')

@@ -174,3 +174,24 @@ def test_redis_killed_and_restarted_mid_stream(hosts):
         assert again.text + after.text == saved["content"]
     finally:
         own.remove()
+
+
+def test_a_responses_stream_resumes_on_another_host_with_the_same_sequence_numbers(hosts):
+    import openai
+
+    pace = {"RESUME_GRACE_S": 30, "DEMO_TOKENS_PER_S": 40, "DEMO_TOKENS": 80, "LEASE_S": 600}  # no checkpoints
+    a, b = hosts(2, **pace)
+    sdk_a, sdk_b = (openai.OpenAI(base_url=s.url + "/v1", api_key="unused", max_retries=0) for s in (a, b))
+    with sdk_a.responses.with_streaming_response.create(model="demo", input="hop", stream=True) as raw:
+        first = []
+        for event in raw.parse():
+            first.append(event)
+            if len(first) == 10:
+                break  # the client leaves; the router sends its reconnect to the other host
+    response_id = first[0].response.id
+    rest = list(sdk_b.responses.retrieve(response_id, stream=True, starting_after=9))
+    assert rest[-1].type == "response.completed" and rest[0].sequence_number == 10
+    numbers = [e.sequence_number for e in first + rest]
+    assert numbers == list(range(len(numbers)))
+    text = "".join(e.delta for e in first + rest if e.type == "response.output_text.delta")
+    assert text == rest[-1].response.output_text == sdk_a.responses.retrieve(response_id).output_text
