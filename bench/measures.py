@@ -264,7 +264,7 @@ def p4_contrast(quick: bool, before: srv.Checkout | None = None) -> list[dict]:
 
 
 from .slow_clients import slow_clients  # noqa: E402
-from .storm import p_stop, p_storm  # noqa: E402
+from .storm import p_burst, p_stop, p_storm  # noqa: E402
 
 MEASURES = {
     "p1": ("P1 cost per token", p1_cost),
@@ -274,6 +274,8 @@ MEASURES = {
     "p3": ("P3 relay overhead", p3_relay),
     "p2-10k": ("P2 10,000 streams", p2_ten_thousand),
     "storm": ("Reconnect storm, host A to host B (PostgreSQL + Redis)", p_storm),
+    "burst": ("Reconnect burst: 2,000 streams resumed on the same worker (embedded) and on another host "
+              "(PostgreSQL + Redis), against P2", p_burst),
     "stop": ("Stop across hosts, sent to B for answers on A (PostgreSQL + Redis)", p_stop),
     "slow": ("Slow clients: normal requests while connections drip their headers", slow_clients),
 }

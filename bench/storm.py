@@ -1,10 +1,13 @@
-"""Two hosts (one gevent worker each) sharing PostgreSQL and Redis, as behind a router that sends
-each request anywhere.
+"""Reconnects with `Last-Event-ID`, and two hosts (one gevent worker each) sharing PostgreSQL and
+Redis, as behind a router that sends each request anywhere.
 
 - The reconnect storm: live SSE streams on host A whose clients all drop within a second and
   reconnect to host B with `Last-Event-ID`. A stream counts as resumed when the text it read on A,
   followed by the text it read on B, is exactly the answer as saved (no gap, no duplicate), and
   B's ids continue A's.
+- The reconnect burst: the storm at P2's size and pace (2,000 streams on one gevent worker), on
+  the embedded default (the clients come back to the same worker) and scaled out (to another
+  host), beside P2's own first bytes on the same server in the same run.
 - Stop across hosts: `POST /conversations/<id>/stop` sent to B for answers streaming on A; the time
   until A's client reads the `stopped` error event, and until B answers with the saved turn.
 """
@@ -13,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import math
 import random
 import time
 from collections.abc import Iterator
@@ -22,7 +26,7 @@ import aiohttp
 
 from . import server as srv
 from .databases import PostgresCluster, RedisServer
-from .load import sse_events
+from .load import run_load, sse_events
 
 
 @dataclass
@@ -33,6 +37,7 @@ class Hop:
     text_b: str = ""
     last_seq: int = -1
     ids_continue: bool = True
+    ttfb: float | None = None  # seconds from the reconnect to B's first byte
     resumed_after: float | None = None  # seconds from the reconnect to B's first event
     resumed_at: float | None = None  # perf_counter of B's first event
     ended_at: float | None = None  # perf_counter when B's stream ended
@@ -43,6 +48,9 @@ async def hop(session: aiohttp.ClientSession, a: str, b: str, drop: asyncio.Even
               hop_: Hop) -> None:
     try:
         async with session.get(a + "/chat/sse?prompt=storm") as response:
+            if response.status != 200:
+                hop_.error = f"HTTP {response.status} on A"
+                return
             buffer = b""
             async for chunk in response.content.iter_any():
                 events, buffer = sse_events(buffer + chunk)
@@ -63,6 +71,8 @@ async def hop(session: aiohttp.ClientSession, a: str, b: str, drop: asyncio.Even
                 return
             buffer, previous = b"", hop_.last_seq
             async for chunk in response.content.iter_any():
+                if hop_.ttfb is None:
+                    hop_.ttfb = time.perf_counter() - asked
                 events, buffer = sse_events(buffer + chunk)
                 for seq, event in events:
                     if hop_.resumed_after is None:
@@ -99,10 +109,22 @@ async def _storm(a: srv.Server, b: srv.Server, streams: int, read_s: float) -> t
                 async with session.get(f"{b.url}/conversations/{one.conversation_id}") as response:
                     saved[one.message_id] = (await response.json())["messages"][-1]["content"]
     for one in hops:
-        if one.error is None and one.text_a + one.text_b != saved.get(one.message_id):
-            one.error = "gap or duplicate"
-    last = max((one.resumed_at or dropped) - dropped for one in hops)
+        whole = saved.get(one.message_id, "")
+        read = len(one.text_a) + len(one.text_b)
+        if one.error is None and one.text_a + one.text_b != whole:
+            one.error = "duplicate" if read > len(whole) else "gap" if read < len(whole) else "other text"
+    last = max((one.resumed_at - dropped for one in hops if one.resumed_at is not None), default=math.nan)
     return hops, dropped, cpu_b, last
+
+
+def errors(hops: list[Hop]) -> dict[str, int]:
+    """How many hops failed, by why: `gap`, `duplicate`, `ids out of order`, an HTTP status, ..."""
+    counts: dict[str, int] = {}
+    for one in hops:
+        if one.error or not one.ids_continue:
+            why = one.error or "ids out of order"
+            counts[why] = counts.get(why, 0) + 1
+    return counts
 
 
 @contextlib.contextmanager
@@ -124,25 +146,91 @@ def p_storm(quick: bool, before: srv.Checkout | None = None) -> list[dict]:
     streams = 200 if quick else 1000
     with two_hosts({**srv.pace_env(200, 20), "RESUME_GRACE_S": "30"}) as (a, b):
         hops, _, cpu_b, last = asyncio.run(_storm(a, b, streams, read_s=2.0))
-    resumed = [one for one in hops if one.error is None and one.ids_continue]
     waits = sorted(one.resumed_after for one in hops if one.resumed_after is not None)
-    errors: dict[str, int] = {}
-    for one in hops:
-        if one.error or not one.ids_continue:
-            errors[one.error or "ids out of order"] = errors.get(one.error or "ids out of order", 0) + 1
     return [{
         "streams": streams,
-        "resumed, no gap or duplicate": len(resumed),
+        "resumed, no gap or duplicate": streams - sum(errors(hops).values()),
         "first event on B p50 ms": _ms(waits, 0.5),
         "first event on B p99 ms": _ms(waits, 0.99),
         "last resumed, s after the drop": last,
         "B's CPU s": cpu_b,
-        "errors": ", ".join(f"{n} {e}" for e, n in errors.items()) or "-",
+        "errors": _listed(errors(hops)),
     }]
+
+
+def _listed(counts: dict[str, int]) -> str:
+    return ", ".join(f"{n} {e}" for e, n in counts.items()) or "-"
 
 
 def _ms(seconds: list[float], q: float) -> float | None:
     return 1000 * seconds[min(len(seconds) - 1, int(len(seconds) * q))] if seconds else None
+
+
+BURST_STREAMS = 2000
+
+
+@dataclass
+class Burst:
+    """One round of the burst on one configuration: P2's streams, then the burst's hops."""
+
+    p2_ttfb: list[float]  # seconds; a stream with no first byte is infinitely late
+    p2_complete: int
+    hops: list[Hop]
+    last: float  # seconds from the drop until the last resumed stream had its next event
+    cpu_s: float  # the resuming server's CPU during the burst
+
+    def row(self) -> dict:
+        counts = errors(self.hops)
+        ttfb = sorted(math.inf if one.ttfb is None else one.ttfb for one in self.hops)
+        p99, p2_p99 = _ms(ttfb, 0.99), _ms(sorted(self.p2_ttfb), 0.99)
+        return {
+            "streams": len(self.hops),
+            "resumed, no gap or duplicate": len(self.hops) - sum(counts.values()),
+            "gaps": counts.get("gap", 0),
+            "duplicates": counts.get("duplicate", 0),
+            "reconnect TTFB p50 ms": _ms(ttfb, 0.5),
+            "reconnect TTFB p99 ms": p99,
+            "P2 TTFB p99 ms": p2_p99,
+            "reconnect / P2 TTFB p99": p99 / p2_p99,
+            "last has its next event, s after the drop": self.last,
+            "CPU s of the burst": self.cpu_s,
+            "P2 complete": self.p2_complete,
+            "errors": _listed(counts),
+        }
+
+
+def burst(a: srv.Server, b: srv.Server, streams: int, read_s: float) -> Burst:
+    """P2's load on A (`streams` at once, connecting over streams / 2000 s, read to the end), then
+    the burst: as many live streams on A, dropped after `read_s` and resumed on B within a second."""
+    p2 = asyncio.run(run_load(a.url + "/chat/sse?prompt=bench", streams, streams, ramp_s=streams / 2000))
+    hops, _, cpu_s, last = asyncio.run(_storm(a, b, streams, read_s))
+    ttfb = [math.inf if s.ttfb is None else s.ttfb for s in p2]
+    return Burst(ttfb, sum(s.complete and s.error is None for s in p2), hops, last, cpu_s)
+
+
+def burst_rows(name: str, rounds: list[Burst]) -> list[dict]:
+    """Each round's row, and the median of the rounds' moving figures when there are several."""
+    rows = [{"server": f"{name}, round {i + 1}", **one.row()} for i, one in enumerate(rounds)]
+    if len(rows) > 1:
+        median = {"server": f"{name}, median"}
+        for key in ("reconnect TTFB p99 ms", "P2 TTFB p99 ms", "reconnect / P2 TTFB p99",
+                    "last has its next event, s after the drop"):
+            median[key] = sorted(row[key] for row in rows)[len(rows) // 2]
+        rows.append(median)
+    return rows
+
+
+def p_burst(quick: bool, before: srv.Checkout | None = None) -> list[dict]:
+    """2,000 live SSE streams on one gevent worker (P2's: 20 tokens/s, 100 tokens, the guard
+    lifted) dropped after 2 s and resumed with `Last-Event-ID` within a second: on the embedded
+    default by the same worker, and on PostgreSQL + Redis by another host; three rounds each."""
+    streams, rounds = (200, 1) if quick else (BURST_STREAMS, 3)
+    env = {**srv.pace_env(100, 20), "RESUME_GRACE_S": "30"}
+    with srv.service("gevent", 1, env) as one:
+        rows = burst_rows("embedded, same worker", [burst(one, one, streams, 2.0) for _ in range(rounds)])
+    with two_hosts(env) as (a, b):
+        rows += burst_rows("PostgreSQL + Redis, host A to B", [burst(a, b, streams, 2.0) for _ in range(rounds)])
+    return rows
 
 
 async def _stop_one(session: aiohttp.ClientSession, a: str, b: str, spread_s: float) -> tuple[float, float, str]:
