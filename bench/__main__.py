@@ -42,6 +42,8 @@ def main() -> None:
                         "from before 2026-11-25, where 0 refused every stream)")
     parser.add_argument("--postgres", action="store_true", help="add the service on PostgreSQL to P1 and P2")
     parser.add_argument("--redis", action="store_true", help="add the service on PostgreSQL and Redis to P1 and P2")
+    parser.add_argument("--litellm", type=Path, metavar="EXECUTABLE",
+                        help="add LiteLLM's proxy (the `litellm` of a venv of its own) to P3")
     parser.add_argument("--chart", type=Path, help="where to write the P4 chart (default docs/performance.png)")
     parser.add_argument("--soak", type=float, nargs="?", const=20.0, metavar="MINUTES",
                         help="run the soak (20 minutes unless given) instead of the measures")
@@ -65,6 +67,7 @@ def main() -> None:
             atexit.register(redis.remove)
             measures.VARIANTS["service, PostgreSQL + Redis"] = server.Checkout(
                 env={"DATABASE_URL": url, "REDIS_URL": redis.url()})
+    measures.LITELLM = args.litellm
     limit = server.raise_nofile()
     print(f"machine: {machine()}; open files: {limit}", flush=True)
     if args.soak is not None:
