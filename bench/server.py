@@ -209,5 +209,6 @@ def litellm(executable: Path, upstream_url: str) -> Server:
     port = free_port()
     argv = [str(executable), "--host", "127.0.0.1", "--port", str(port), "--num_workers", "1",
             "--model", "openai/bench", "--alias", "bench", "--api_base", upstream_url + "/v1"]
-    env = {"OPENAI_API_KEY": "bench", "LITELLM_LOCAL_MODEL_COST_MAP": "True", "LITELLM_LOG": "ERROR"}
+    env = {"OPENAI_API_KEY": "bench", "LITELLM_LOCAL_MODEL_COST_MAP": "True", "LITELLM_LOG": "ERROR",
+           "LITELLM_DANGEROUSLY_PERMIT_WEAK_OR_UNSET_MASTER_KEY": "true"}  # loopback, the bench only
     return Server(argv, env, port, "litellm", health="/health/liveliness", start_s=120)
