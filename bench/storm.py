@@ -159,7 +159,7 @@ def p_storm(quick: bool, before: srv.Checkout | None = None) -> list[dict]:
     return [{
         "streams": streams,
         "resumed, no gap or duplicate": len(in_burst(hops)) - sum(errors(in_burst(hops)).values()),
-        "ended before the drop": streams - len(in_burst(hops)),
+        "ended before the drop, or refused on A": streams - len(in_burst(hops)),
         "first event on B p50 ms": _ms(waits, 0.5),
         "first event on B p99 ms": _ms(waits, 0.99),
         "last resumed, s after the drop": last,
@@ -204,7 +204,7 @@ class Burst:
             "reconnect TTFB p50 ms": _ms(ttfb, 0.5),
             "reconnect TTFB p99 ms": p99,
             "P2 TTFB p99 ms": p2_p99,
-            "reconnect / P2 TTFB p99": p99 / p2_p99,
+            "reconnect / P2 TTFB p99": p99 / p2_p99 if math.isfinite(p2_p99) else math.nan,
             "last has its next event, s after the drop": self.last,
             "CPU s of the burst": self.cpu_s,
             "P2 complete": self.p2_complete,
