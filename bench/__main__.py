@@ -5,7 +5,8 @@ commit, from `git worktree add`) to P1, P2 and P3, side by side in the same run;
 NAME=VALUE` sets a variable for that checkout only. `--postgres` adds the service on PostgreSQL
 (a cluster the bench starts, as the tests do) to P1 and P2, beside the embedded default, and
 `--redis` the service on PostgreSQL and Redis. `storm` and `stop` (not in the default set) are the
-reconnect storm and Stop between two hosts sharing PostgreSQL and Redis; `slow` (not in the default
+reconnect storm and Stop between two hosts sharing PostgreSQL and Redis; `burst` (not in the default set) the
+reconnect burst at P2's size, on the same worker and across hosts (bench/storm.py); `slow` (not in the default
 set either) times normal requests while connections drip their headers (bench/slow_clients.py). `--soak [MINUTES]` runs
 the soak instead (bench/soak.py; 20 minutes by default) and plots it (docs/soak.png).
 """
@@ -41,6 +42,8 @@ def main() -> None:
                         "from before 2026-11-25, where 0 refused every stream)")
     parser.add_argument("--postgres", action="store_true", help="add the service on PostgreSQL to P1 and P2")
     parser.add_argument("--redis", action="store_true", help="add the service on PostgreSQL and Redis to P1 and P2")
+    parser.add_argument("--litellm", type=Path, metavar="EXECUTABLE",
+                        help="add LiteLLM's proxy (the `litellm` of a venv of its own) to P3")
     parser.add_argument("--chart", type=Path, help="where to write the P4 chart (default docs/performance.png)")
     parser.add_argument("--soak", type=float, nargs="?", const=20.0, metavar="MINUTES",
                         help="run the soak (20 minutes unless given) instead of the measures")
@@ -48,7 +51,7 @@ def main() -> None:
     parser.add_argument("--json", type=Path, help="write every row as JSON here")
     parser.add_argument("--markdown", action="store_true", help="print tables as Markdown")
     args = parser.parse_args()
-    skipped = {"storm", "stop", "slow"} | ({"p2-10k"} if args.quick else set())  # only when asked for
+    skipped = {"storm", "stop", "burst", "slow"} | ({"p2-10k"} if args.quick else set())  # only when asked for
     names = args.only.split(",") if args.only else [n for n in MEASURES if n not in skipped]
     before = args.before and server.Checkout(args.before, dict(kv.split("=", 1) for kv in args.before_env))
     if args.postgres or args.redis:
@@ -64,6 +67,7 @@ def main() -> None:
             atexit.register(redis.remove)
             measures.VARIANTS["service, PostgreSQL + Redis"] = server.Checkout(
                 env={"DATABASE_URL": url, "REDIS_URL": redis.url()})
+    measures.LITELLM = args.litellm
     limit = server.raise_nofile()
     print(f"machine: {machine()}; open files: {limit}", flush=True)
     if args.soak is not None:

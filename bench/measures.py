@@ -12,6 +12,7 @@ import time
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 from . import server as srv
 from .load import Stream, run_load, running_at_once
@@ -225,39 +226,64 @@ def p2_ten_thousand(quick: bool, before: srv.Checkout | None = None) -> list[dic
 # -- P3 -----------------------------------------------------------------------------------------
 
 
+# LiteLLM's proxy (the `litellm` executable of a venv of its own, `--litellm PATH`), relayed in P3
+# beside the service when set.
+LITELLM: Path | None = None
+
+
+def _relay_row(name: str, level: int, start: str, direct: Run, relayed: Run) -> dict:
+    return {
+        "server": name,
+        "streams": level,
+        "start": start,
+        "complete": f"{relayed.completed}/{len(relayed.streams)}",
+        "TTFT p50 ms direct": direct.ms("ttfd", 0.5),
+        "TTFT p50 ms relayed": relayed.ms("ttfd", 0.5),
+        "added p50 ms": relayed.ms("ttfd", 0.5) - direct.ms("ttfd", 0.5),
+        "TTFT p99 ms direct": direct.ms("ttfd", 0.99),
+        "TTFT p99 ms relayed": relayed.ms("ttfd", 0.99),
+        "added p99 ms": relayed.ms("ttfd", 0.99) - direct.ms("ttfd", 0.99),
+        "CPU s / M tokens relayed": relayed.cpu_s / max(relayed.tokens, 1) * 1e6,
+        "errors": relayed.errors(),
+    }
+
+
 def p3_relay(quick: bool, before: srv.Checkout | None = None) -> list[dict]:
     """The OpenAI provider relaying a local upstream at 50 tokens/s, against going straight to it
-    (measured again next to each relay, so that both see the same machine)."""
+    (measured again next to each relay, so that both see the same machine): the clients of each
+    level connecting over level / 200 s, then the top level's clients all at once, three times
+    (and their median); LiteLLM's proxy beside it with `--litellm`."""
     levels = [1, 50] if quick else [1, 50, 200]
-    tokens = 50 if quick else 100
+    tokens, runs = (50, 1) if quick else (100, 3)
     body = {"model": "bench", "stream": True, "messages": [{"role": "user", "content": "bench"}]}
     checkouts = {"service": srv.Checkout(), **({"service (before)": before} if before else {})}
     rows = []
     with srv.upstream(50, tokens) as upstream:
         env = {"LLM_PROVIDER": "openai", "OPENAI_BASE_URL": upstream.url + "/v1", "OPENAI_API_KEY": "bench"}
-        for name, checkout in checkouts.items():
-            with srv.service("gevent", 1, {**env, **checkout.env}, checkout.root) as relay:
-                load(relay, SSE, 5, 5)
+        relays = {name: (lambda co=co: srv.service("gevent", 1, {**env, **co.env}, co.root), SSE, None)
+                  for name, co in checkouts.items()}
+        if LITELLM:
+            relays["LiteLLM proxy"] = (lambda: srv.litellm(LITELLM, upstream.url), "/v1/chat/completions", body)
+
+        def side_by_side(relay: srv.Server, path: str, relay_body: dict | None, level: int, ramp: float):
+            requests = 20 if level == 1 else level
+            direct = load(upstream, "/v1/chat/completions", requests, level, ramp_s=ramp, body=body)
+            return direct, load(relay, path, requests, level, ramp_s=ramp, body=relay_body)
+
+        for name, (start, path, relay_body) in relays.items():
+            with start() as relay:
+                load(relay, path, 5, 5, body=relay_body)
                 for level in levels:
-                    requests = 20 if level == 1 else level
-                    ramp = level / 200
-                    direct = load(upstream, "/v1/chat/completions", requests, level, ramp_s=ramp, body=body)
-                    relayed = load(relay, SSE, requests, level, ramp_s=ramp)
-                    rows.append(
-                        {
-                            "server": name,
-                            "streams": level,
-                            "complete": f"{relayed.completed}/{requests}",
-                            "TTFT p50 ms direct": direct.ms("ttfd", 0.5),
-                            "TTFT p50 ms relayed": relayed.ms("ttfd", 0.5),
-                            "added p50 ms": relayed.ms("ttfd", 0.5) - direct.ms("ttfd", 0.5),
-                            "TTFT p99 ms direct": direct.ms("ttfd", 0.99),
-                            "TTFT p99 ms relayed": relayed.ms("ttfd", 0.99),
-                            "added p99 ms": relayed.ms("ttfd", 0.99) - direct.ms("ttfd", 0.99),
-                            "CPU s / M tokens relayed": relayed.cpu_s / max(relayed.tokens, 1) * 1e6,
-                            "errors": relayed.errors(),
-                        }
-                    )
+                    rows.append(_relay_row(name, level, f"over {level / 200:g} s",
+                                           *side_by_side(relay, path, relay_body, level, level / 200)))
+                together = [_relay_row(name, levels[-1], f"together, run {i + 1}",
+                                       *side_by_side(relay, path, relay_body, levels[-1], 0)) for i in range(runs)]
+                rows += together
+                if runs > 1:
+                    median = {"server": name, "streams": levels[-1], "start": f"together, median of {runs}"}
+                    for key in ("added p50 ms", "added p99 ms", "CPU s / M tokens relayed"):
+                        median[key] = pct([row[key] for row in together], 0.5)
+                    rows.append(median)
     return rows
 
 
@@ -291,7 +317,7 @@ def p4_contrast(quick: bool, before: srv.Checkout | None = None) -> list[dict]:
 
 
 from .slow_clients import slow_clients  # noqa: E402
-from .storm import p_stop, p_storm  # noqa: E402
+from .storm import p_burst, p_stop, p_storm  # noqa: E402
 
 MEASURES = {
     "p1": ("P1 cost per token", p1_cost),
@@ -302,6 +328,8 @@ MEASURES = {
     "p3": ("P3 relay overhead", p3_relay),
     "p2-10k": ("P2 10,000 streams", p2_ten_thousand),
     "storm": ("Reconnect storm, host A to host B (PostgreSQL + Redis)", p_storm),
+    "burst": ("Reconnect burst: 2,000 streams resumed on the same worker (embedded) and on another host "
+              "(PostgreSQL + Redis), against P2", p_burst),
     "stop": ("Stop across hosts, sent to B for answers on A (PostgreSQL + Redis)", p_stop),
     "slow": ("Slow clients: normal requests while connections drip their headers", slow_clients),
 }

@@ -86,7 +86,8 @@ class Server:
     `scratch`, a directory of its files, is removed when it stops."""
 
     def __init__(
-        self, argv: list[str], env: dict[str, str], port: int, name: str, cwd: Path = ROOT, scratch: Path | None = None
+        self, argv: list[str], env: dict[str, str], port: int, name: str, cwd: Path = ROOT, scratch: Path | None = None,
+        health: str = "/healthz", start_s: float = 30,
     ) -> None:
         self.name = name
         self.scratch = scratch
@@ -95,15 +96,15 @@ class Server:
         self.process = subprocess.Popen(
             argv, cwd=cwd, env={**os.environ, **env}, stdout=self.log.open("wb"), stderr=subprocess.STDOUT
         )
-        self._wait_healthy()
+        self._wait_healthy(health, start_s)
 
-    def _wait_healthy(self, timeout: float = 30) -> None:
+    def _wait_healthy(self, health: str, timeout: float) -> None:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
                 raise RuntimeError(f"{self.name} exited:\n{self.log.read_text()[-3000:]}")
             try:
-                with urllib.request.urlopen(self.url + "/healthz", timeout=1):
+                with urllib.request.urlopen(self.url + health, timeout=1):
                     return
             except OSError:
                 time.sleep(0.1)
@@ -200,3 +201,14 @@ def upstream(tokens_per_s: float, tokens: int) -> Server:
     argv = [sys.executable, "-m", "bench.upstream", "--port", str(port)]
     env = {"UPSTREAM_TOKENS_PER_S": str(tokens_per_s), "UPSTREAM_TOKENS": str(tokens)}
     return Server(argv, env, port, "upstream")
+
+
+def litellm(executable: Path, upstream_url: str) -> Server:
+    """LiteLLM's proxy (`executable`, from a venv of its own: `pip install 'litellm[proxy]'`), one
+    uvicorn worker, relaying the OpenAI-format upstream at `upstream_url` as model `bench`."""
+    port = free_port()
+    argv = [str(executable), "--host", "127.0.0.1", "--port", str(port), "--num_workers", "1",
+            "--model", "openai/bench", "--alias", "bench", "--api_base", upstream_url + "/v1"]
+    env = {"OPENAI_API_KEY": "bench", "LITELLM_LOCAL_MODEL_COST_MAP": "True", "LITELLM_LOG": "ERROR",
+           "LITELLM_DANGEROUSLY_PERMIT_WEAK_OR_UNSET_MASTER_KEY": "true"}  # loopback, the bench only
+    return Server(argv, env, port, "litellm", health="/health/liveliness", start_s=120)

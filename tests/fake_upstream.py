@@ -204,6 +204,19 @@ class FakeUpstream:
 
     # -- helpers for tests -------------------------------------------------
 
+    def close_connections(self) -> None:
+        """Close every open connection from this side, as a server's keep-alive timeout closes
+        the idle ones, and wait until their handlers are done."""
+        with self._lock:
+            conns = list(self._connections)
+        for conn in conns:
+            try:
+                conn.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+        with self._idle:
+            self._idle.wait_for(lambda: not self._connections, timeout=5)
+
     def wait_for(self, predicate: Callable[[], Any], timeout: float = 10) -> Any:
         """Poll ``predicate`` every 10 ms; return its first truthy value or fail."""
         deadline = time.monotonic() + timeout

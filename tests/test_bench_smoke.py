@@ -66,6 +66,23 @@ def test_the_reconnect_storm_resumes_every_stream(postgres, redis_server):
     assert all(h.text_a and h.text_b for h in hops)  # each read part of its answer on each host
 
 
+def test_the_reconnect_burst_resumes_every_stream_on_the_same_worker():
+    """The burst measure at a small scale on the embedded default: P2's streams, then live streams
+    dropped and resumed by the worker that produces them, each counted and compared with the saved
+    answer."""
+    from bench.storm import burst, burst_rows
+
+    # 1.5 s answers: the last client arrives at 0.9 s, every client drops at 1.3 s
+    with srv.service("gevent", 1, {**srv.pace_env(45, 30), "RESUME_GRACE_S": "30"}) as server:
+        result = burst(server, server, 10, read_s=0.3)
+    assert result.p2_complete == 10 and len(result.p2_ttfb) == 10
+    assert [(h.error, h.ids_continue) for h in result.hops] == [(None, True)] * 10
+    assert all(h.text_a and h.text_b and h.ttfb is not None for h in result.hops)
+    row = burst_rows("embedded", [result])[0]
+    assert (row["resumed, no gap or duplicate"], row["gaps"], row["duplicates"]) == (10, 0, 0)
+    assert "reconnect TTFB p99 ms" in report.table([row])
+
+
 def test_a_short_soak_keeps_every_conversation():
     """A minute of the soak's mixed load (bench/soak.py) on two workers: no 5xx, every bad request
     a 4xx, no stream error, and every conversation saved as its clients read it."""

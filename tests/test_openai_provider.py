@@ -99,6 +99,18 @@ def test_answers_reuse_the_upstream_connection(serve, upstream, worker_class):
     assert upstream.connections == 2
 
 
+def test_a_kept_connection_the_upstream_closed_is_not_used_again(serve, upstream):
+    """The pool sees that the upstream closed an idle connection (its own check of the socket,
+    see providers/http.py) and opens a new one instead of sending the next request into it."""
+    upstream.keep_alive, upstream.tokens = True, 5
+    server = relay(serve, upstream)
+    assert read_sse(server.url + "/chat/sse", json_body={"prompt": "one"}).events[-1]["type"] == "done"
+    upstream.close_connections()
+    got = read_sse(server.url + "/chat/sse", json_body={"prompt": "two"})
+    assert got.text == upstream.expected_text("two") and got.events[-1]["type"] == "done"
+    assert upstream.connections == 2
+
+
 def test_an_upstream_holding_its_body_open_after_done_does_not_hold_the_answer(serve, upstream):
     upstream.keep_alive, upstream.hold_after_done, upstream.tokens = True, True, 5
     server = relay(serve, upstream)
@@ -245,6 +257,10 @@ def test_history_is_trimmed_oldest_first_keeping_the_system_prompt(serve, upstre
 
 
 def test_sse_data_reads_events_as_the_spec_defines_them():
-    lines = [": keep-alive", "", "data: {\"a\": 1}", "", "event: x", "data:no-space", "data: second line", "",
-             "id: 7", "", "data: [DONE]"]
-    assert list(sse_data(iter(lines))) == ['{"a": 1}', "no-space\nsecond line", "[DONE]"]
+    body = (b': keep-alive\n\ndata: {"a": 1}\n\nevent: x\ndata:no-space\ndata: second line\n\n'
+            b"id: 7\n\ndata: caf\xc3\xa9\r\n\r\ndata: cr\r\rdata: [DONE]")
+    events = ['{"a": 1}', "no-space\nsecond line", "caf\u00e9", "cr", "[DONE]"]
+    assert list(sse_data([body])) == events
+    # However the body is cut into chunks: mid-line, between CR and LF, inside a UTF-8 character.
+    for size in (1, 2, 3, 7):
+        assert list(sse_data(body[i : i + size] for i in range(0, len(body), size))) == events, size

@@ -30,7 +30,7 @@ import httpx2
 
 from ..config import Settings
 from .base import Chunk, Finish, ProviderError, Reasoning, ToolCallDelta, Usage
-from .http import close_response, sdk_error, sse_data
+from .http import close_response, http_client, sdk_error, sse_data
 
 log = logging.getLogger(__name__)
 
@@ -121,6 +121,8 @@ class AnthropicProvider:
             base_url=settings.anthropic_base_url or None,
             timeout=anthropic.Timeout(settings.first_token_timeout_s, connect=10.0),  # until the headers
             max_retries=0,  # as for OpenAI: a refusal goes to our client, whose own SDK retries it
+
+            http_client=http_client(anthropic),
         )
 
     def models(self) -> list[str]:
@@ -167,7 +169,7 @@ class AnthropicReply:
         prompt_tokens = completion_tokens = 0
         finish = None
         calls: dict[int, int] = {}  # the content blocks that are tool calls: the call's index, by block
-        events = sse_data(self._response.iter_lines())
+        events = sse_data(self._response.iter_bytes())
         try:
             for data in events:
                 event = json.loads(data)

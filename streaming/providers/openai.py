@@ -28,7 +28,7 @@ import openai
 
 from ..config import Settings
 from .base import ChoiceDelta, Chunk, Finish, Logprobs, ProviderError, Reasoning, ToolCallDelta, Usage
-from .http import close_response, sdk_error, sse_data
+from .http import close_response, http_client, sdk_error, sse_data
 
 log = logging.getLogger(__name__)
 
@@ -84,6 +84,7 @@ class OpenAIProvider:
             # Not retried here: a timed-out request may be being answered already, and a refusal
             # (429, 5xx) goes to our client with its code, whose own SDK retries it.
             max_retries=0,
+            http_client=http_client(openai),
         )
 
     def models(self) -> list[str]:
@@ -116,7 +117,7 @@ class OpenAIProvider:
 class OpenAIReply:
     def __init__(self, response: httpx2.Response) -> None:
         self._response = response
-        self._events = sse_data(response.iter_lines())
+        self._events = sse_data(response.iter_bytes())
         self._closed = False
 
     def __iter__(self) -> Iterator[Chunk]:
