@@ -42,6 +42,9 @@ def main() -> None:
                         "from before 2026-11-25, where 0 refused every stream)")
     parser.add_argument("--postgres", action="store_true", help="add the service on PostgreSQL to P1 and P2")
     parser.add_argument("--redis", action="store_true", help="add the service on PostgreSQL and Redis to P1 and P2")
+    parser.add_argument("--floor", action="store_true",
+                        help="add the design's floor (naive Flask with a producer greenlet and its turns saved in "
+                        "SQLite: bench/baselines/flask_floor_app.py) to the request measure, P1 and P2")
     parser.add_argument("--litellm", type=Path, metavar="EXECUTABLE",
                         help="add LiteLLM's proxy (the `litellm` of a venv of its own) to P3")
     parser.add_argument("--chart", type=Path, help="where to write the P4 chart (default docs/performance.png)")
@@ -54,6 +57,8 @@ def main() -> None:
     skipped = {"storm", "stop", "burst", "slow"} | ({"p2-10k"} if args.quick else set())  # only when asked for
     names = args.only.split(",") if args.only else [n for n in MEASURES if n not in skipped]
     before = args.before and server.Checkout(args.before, dict(kv.split("=", 1) for kv in args.before_env))
+    if args.floor:
+        measures.MORE_BASELINES["design floor (flask)"] = server.flask_floor_baseline
     if args.postgres or args.redis:
         from .databases import PostgresCluster, RedisServer
 

@@ -86,6 +86,8 @@ def load(server: srv.Server, path: str, requests: int, concurrency: int, **kwarg
 # More configurations of the service for P1 and P2, by name: `python -m bench --postgres` adds
 # "service, PostgreSQL" (its DATABASE_URL) here.
 VARIANTS: dict[str, srv.Checkout] = {}
+# More baselines, by name: `python -m bench --floor` adds the design's floor (bench/baselines/flask_floor_app.py).
+MORE_BASELINES: dict[str, Callable[[dict[str, str]], srv.Server]] = {}
 
 
 def _contenders(env: dict[str, str], before: srv.Checkout | None,
@@ -99,6 +101,7 @@ def _contenders(env: dict[str, str], before: srv.Checkout | None,
     if baselines:
         starters["fastapi baseline"] = lambda: srv.fastapi_baseline(env)
         starters["naive flask (gevent)"] = lambda: srv.flask_baseline(env)
+        starters.update({name: (lambda start=start: start(env)) for name, start in MORE_BASELINES.items()})
     return starters
 
 

@@ -195,6 +195,16 @@ def flask_baseline(env: dict[str, str]) -> Server:
     return Server([*argv, "bench.baselines.flask_app:app"], env, port, "flask-naive")
 
 
+def flask_floor_baseline(env: dict[str, str]) -> Server:
+    """`bench.baselines.flask_floor_app` (the design's floor) as the naive baseline runs, on a fresh SQLite file."""
+    port = free_port()
+    scratch = Path(tempfile.mkdtemp(prefix="bench-floor-"))
+    argv = [sys.executable, "-m", "gunicorn", "-c", "/dev/null", "-k", "gevent", "-w", "1", "-b", f"127.0.0.1:{port}"]
+    argv += ["--no-control-socket", "--worker-connections", "12000", "--backlog", "4096"]
+    return Server([*argv, "bench.baselines.flask_floor_app:app"], {**env, "FLOOR_DB": str(scratch / "floor.db")},
+                  port, "flask-floor", scratch=scratch)
+
+
 def upstream(tokens_per_s: float, tokens: int) -> Server:
     """The aiohttp OpenAI-format upstream of `bench.upstream`."""
     port = free_port()
