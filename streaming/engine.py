@@ -28,7 +28,18 @@ import time
 from collections.abc import Callable, Iterator
 
 from .config import Settings
-from .providers.base import ChoiceDelta, Finish, Logprobs, ProviderError, Reasoning, Reply, Status, ToolCallDelta, Usage
+from .providers.base import (
+    ChoiceDelta,
+    Finish,
+    Logprobs,
+    ProviderError,
+    Reasoning,
+    Refusal,
+    Reply,
+    Status,
+    ToolCallDelta,
+    Usage,
+)
 from .store import Log
 from .threads import start_thread
 from .tool_calls import delta_event, message_calls, whole_calls
@@ -109,6 +120,8 @@ class Answer:
                     self._append(chunk)
                 elif isinstance(chunk, Reasoning):
                     self._append({"type": "reasoning", "text": chunk.text})
+                elif isinstance(chunk, Refusal):
+                    self._append({"type": "refusal", "text": chunk.text})
                 elif isinstance(chunk, Usage):
                     self.usage = {"prompt_tokens": chunk.prompt_tokens, "completion_tokens": chunk.completion_tokens}
                 elif isinstance(chunk, ToolCallDelta):

@@ -297,7 +297,9 @@ def completion(answer: Answer, created: int) -> Response:
     """The whole answer as a `chat.completion` object."""
     events = collect(answer)
     end = events[-1]
-    message = {"role": "assistant", "content": answer.text}
+    refusal = "".join(e["text"] for e in events if e["type"] == "refusal")
+    # A model that refuses says so in `refusal`, and its `content` is null (as OpenAI's is).
+    message = {"role": "assistant", "content": answer.text or (None if refusal else ""), "refusal": refusal or None}
     reasoning = "".join(e["text"] for e in events if e["type"] == "reasoning")
     if reasoning:
         message["reasoning_content"] = reasoning

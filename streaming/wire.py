@@ -1,7 +1,7 @@
 """Wire formats: pure functions from events to bytes, all of them in this module.
 
 Events are dicts with a `type` (see DESIGN.md). A framing encodes a batch of events that a reader
-took from the log in one go; consecutive `delta` (or `reasoning`) events are merged first, so a
+took from the log in one go; consecutive `delta` (or `reasoning`, `refusal`) events are merged first, so a
 burst of tokens becomes one frame and one write.
 """
 
@@ -51,7 +51,7 @@ def coalesce(events: list[dict], offset: int) -> list[tuple[int, dict]]:
     run: list[str] = []
     for seq, event in enumerate(events, offset):
         kind = event["type"]
-        if kind == "delta" or kind == "reasoning":
+        if kind == "delta" or kind == "reasoning" or kind == "refusal":
             run.append(event["text"])
             following = events[seq - offset + 1]["type"] if seq - offset + 1 < len(events) else None
             if following == kind:
@@ -123,7 +123,8 @@ class NDJSONFraming:
 
 
 class TextFraming:
-    """Only the answer's text; a failure adds a last line `[error] <code>: <message>`."""
+    """Only the answer's text (or the model's refusal); a failure adds a last line
+    `[error] <code>: <message>`."""
 
     media_type = "text/plain; charset=utf-8"
     heartbeat = None
@@ -131,7 +132,7 @@ class TextFraming:
     def encode(self, events: list[dict], offset: int) -> bytes:
         out = []
         for event in events:
-            if event["type"] == "delta":
+            if event["type"] == "delta" or event["type"] == "refusal":
                 out.append(event["text"])
             elif event["type"] == "error":
                 out.append(f"\n[error] {event['error']['code']}: {event['error']['message']}\n")
@@ -158,14 +159,15 @@ def tool_call_delta(event: dict) -> str:
 class OpenAIFraming:
     """OpenAI's `data: <chat.completion.chunk>` frames, then `data: [DONE]`.
 
-    `start` gives the role chunk, `delta` and `reasoning` give `content` and `reasoning_content`
-    chunks, `tool_call_delta` a `tool_calls` chunk (`tool_call_delta()`; the whole `tool_call`
-    gives none), `logprobs` the logprobs of the text chunk before it (in that chunk when they
-    come in one batch), `choice` a chunk of another choice (`n` > 1), `done` the chunk with the
-    `finish_reason` (then, when asked, a usage chunk with no choices). An error is
-    `data: {"error": {...}}`, which the SDK raises as `APIError`; it reads nothing after that, so
-    no `[DONE]` follows. Every chunk is the same JSON around a different
-    `delta`: that JSON is built once, at `start`, so that a chunk costs one encoded string.
+    `start` gives the role chunk, `delta`, `reasoning` and `refusal` give `content`,
+    `reasoning_content` and `refusal` chunks, `tool_call_delta` a `tool_calls` chunk
+    (`tool_call_delta()`; the whole `tool_call` gives none), `logprobs` the logprobs of the text
+    chunk before it (in that chunk when they come in one batch), `choice` a chunk of another
+    choice (`n` > 1), `done` the chunk with the `finish_reason` (then, when asked, a usage chunk
+    with no choices). An error is `data: {"error": {...}}`, which the SDK raises as `APIError`;
+    it reads nothing after that, so no `[DONE]` follows. Every chunk is the same JSON around a
+    different `delta`: that JSON is built once, at `start`, so that a chunk costs one encoded
+    string.
     """
 
     media_type = "text/event-stream"
@@ -191,6 +193,8 @@ class OpenAIFraming:
                 out.append(self._chunk(f'{{"content":{_string(event["text"])}}}'))
             elif kind == "reasoning":
                 out.append(self._chunk(f'{{"reasoning_content":{_string(event["text"])}}}'))
+            elif kind == "refusal":
+                out.append(self._chunk(f'{{"refusal":{_string(event["text"])}}}'))
             elif kind == "tool_call_delta":
                 out.append(self._chunk(tool_call_delta(event)))
             elif kind == "start":
@@ -242,7 +246,8 @@ class ResponsesFraming:
     `sequence_number`, and the `Response` object that they build (`response()`).
 
     An answer's events become output items: its reasoning a `reasoning` item (`reasoning_text`
-    content), its text a `message` item, each tool call a `function_call` item. An item opens at
+    content), its text a `message` item (`output_text`; a refusal's: `refusal`), each tool call a
+    `function_call` item. An item opens at
     its first event (`output_item.added`, `content_part.added`) and closes when another kind of
     item begins or the answer ends (`*.done`, `output_item.done`). Nothing is coalesced, so the
     numbering is the same on every read of the same log: a reader resuming after event N
@@ -262,6 +267,7 @@ class ResponsesFraming:
         self._text: dict[int, list[str]] = {}  # fragments of each open item's text, by output index
         self._heads: dict[int, str] = {}  # the JSON before a delta of each open item
         self._open: int | None = None  # the open reasoning or message item
+        self._kinds: dict[int, str] = {}  # the event type of each text item's content, by output index
         self._calls: dict[int, int] = {}  # a tool call's index -> its open item
         self._end: dict = {"usage": None, "error": None, "incomplete_details": None}
         self._id = ""
@@ -276,9 +282,9 @@ class ResponsesFraming:
         out: list[str] = []
         for event in events:
             kind = event["type"]
-            if kind == "delta" or kind == "reasoning":
+            if kind == "delta" or kind == "reasoning" or kind == "refusal":
                 index = self._open
-                if index is None or self.output[index]["type"] != ("message" if kind == "delta" else "reasoning"):
+                if index is None or self._kinds[index] != kind:
                     index = self._open_text(out, kind)
                 self._text[index].append(event["text"])
                 self._delta(out, index, event["text"])
@@ -342,8 +348,9 @@ class ResponsesFraming:
         text = "".join(self._text[index])
         if item["type"] == "function_call":
             return {**item, "arguments": text}
-        part = {"type": "output_text", "text": text, "annotations": [], "logprobs": []} if item["type"] == "message" \
-            else {"type": "reasoning_text", "text": text}
+        kind = self._kinds[index]
+        part = {"type": "output_text", "text": text, "annotations": [], "logprobs": []} if kind == "delta" \
+            else {"type": "refusal", "refusal": text} if kind == "refusal" else {"type": "reasoning_text", "text": text}
         return {**item, "content": [part]}
 
     def _open_items(self) -> list[int]:
@@ -362,10 +369,13 @@ class ResponsesFraming:
         if self._open is not None:
             self._close(out, self._open, "completed")
         n = len(self.output)
-        if kind == "delta":
+        self._kinds[n] = kind
+        if kind != "reasoning":
             item = {"id": f"msg_{self._id[5:]}_{n}", "type": "message", "role": "assistant", "status": "in_progress",
                     "content": []}
-            index = self._add(out, item, "response.output_text.delta", '"content_index":0,"logprobs":[],')
+            delta_type, fields = ("response.output_text.delta", '"content_index":0,"logprobs":[],') if kind == "delta" \
+                else ("response.refusal.delta", '"content_index":0,')
+            index = self._add(out, item, delta_type, fields)
         else:
             item = {"id": f"rs_{self._id[5:]}_{n}", "type": "reasoning", "summary": [], "status": "in_progress",
                     "content": []}
@@ -393,11 +403,14 @@ class ResponsesFraming:
     def _close(self, out: list[str], index: int, status: str) -> None:
         item = self._item(index)
         if item["type"] != "function_call":
-            part = item["content"][0]
-            done = "response.output_text.done" if item["type"] == "message" else "response.reasoning_text.done"
+            part, kind = item["content"][0], self._kinds[index]
             where = {"item_id": item["id"], "output_index": index, "content_index": 0}
-            extra = {"logprobs": []} if item["type"] == "message" else {}
-            self._emit(out, done, {**where, "text": part["text"], **extra})
+            if kind == "refusal":
+                self._emit(out, "response.refusal.done", {**where, "refusal": part["refusal"]})
+            else:
+                done = "response.output_text.done" if kind == "delta" else "response.reasoning_text.done"
+                extra = {"logprobs": []} if kind == "delta" else {}
+                self._emit(out, done, {**where, "text": part["text"], **extra})
             self._emit(out, "response.content_part.done", {**where, "part": part})
         item["status"] = status
         self.output[index] = item

@@ -36,6 +36,10 @@ Behaviour knobs are plain attributes, read once when a request arrives:
   (3) at a time, cut mid-token; ``finish_reason`` "tool_calls". A fragment
   counts as a content token for the failures below. A whole (non-streamed)
   answer has them as ``message.tool_calls``.
+* ``refusal`` (None): a text the model refuses with instead of answering, as OpenAI
+  streams a refusal under structured outputs: ``delta.refusal`` a word at a time (the role
+  chunk's ``content`` null), ``finish_reason`` "stop"; a whole answer has ``message.refusal``
+  and ``content`` null.
 * ``fail_status`` / ``fail_times``: answer chat completions with that HTTP
   status and an OpenAI-shaped error body (its message contains
   ``SECRET_DETAIL``); ``fail_times`` counts down the failing requests
@@ -69,6 +73,7 @@ from __future__ import annotations
 
 import io
 import json
+import re
 import select
 import socket
 import struct
@@ -109,6 +114,7 @@ _DEFAULTS: dict[str, Any] = {
     "reasoning_tokens": 0,
     "finish_reason": "stop",
     "tool_calls": None,
+    "refusal": None,
     "tool_style": "openai",
     "fragment_chars": 3,
     "fail_status": None,
@@ -438,6 +444,8 @@ class _Handler(BaseHTTPRequestHandler):
         calls = _calls(up, body, up._new_id())
         if calls:
             message = {"role": "assistant", "content": None, "tool_calls": calls}
+        elif up.refusal:
+            message = {"role": "assistant", "content": None, "refusal": up.refusal}
         if up.reasoning_tokens:
             message["reasoning_content"] = "think " * int(up.reasoning_tokens)
         prompt = _prompt_tokens(body.get("messages"))
@@ -518,13 +526,19 @@ class _Handler(BaseHTTPRequestHandler):
         calls = _calls(up, body, base["id"])
         style = self.knobs["tool_style"]
         vllm = style == "vllm"
-        self._send_frame(chunk({"role": "assistant", "content": None if calls and not vllm else ""}))
+        refusal = self.knobs["refusal"]
+        if refusal:
+            self._send_frame(chunk({"role": "assistant", "content": None, "refusal": ""}))
+        else:
+            self._send_frame(chunk({"role": "assistant", "content": None if calls and not vllm else ""}))
         for index in range(1, n):
             self._send_frame(chunk({"role": "assistant", "content": ""}, index=index))
 
         steps = [{"reasoning_content": "think "}] * n_reasoning
         if calls:
             steps += _call_fragments(calls, int(self.knobs["fragment_chars"]), style)
+        elif refusal:
+            steps += [{"refusal": word} for word in re.findall(r"\s*\S+", refusal)]
         else:
             steps += [{"content": t} for t in toks]
         start = time.monotonic()

@@ -10,6 +10,8 @@ import requests
 
 from .conftest import wait_for
 from .fake_upstream import FakeUpstream
+from .streams import read_sse
+from .test_responses_api import checked
 
 WORKER_CLASSES = ["sync", "gevent"]
 # Text parts, history and a system prompt; the prompt holds what would break a careless framing.
@@ -348,6 +350,36 @@ def test_reasoning_streams_apart(serve):
     assert "".join(getattr(d, "reasoning_content", None) or "" for d in deltas) == "think think "
     assert text_of(chunks) == whole.choices[0].message.content == up.expected_text("hi")
     assert whole.choices[0].message.reasoning_content == "think think "
+
+
+REFUSAL = "I'm sorry, but I can't help with that."
+
+
+def test_a_refusal_is_relayed_as_a_refusal(serve):
+    """An upstream's `delta.refusal` (a model declining under structured outputs) is what the model
+    said: `refusal` on /v1, streamed and whole, and in the Responses API, a `refusal` event in
+    the service's own SSE, the text of /chat, and the saved turn's content."""
+    with FakeUpstream() as up:
+        up.refusal = REFUSAL
+        server = serve("gevent", LLM_PROVIDER="openai", OPENAI_BASE_URL=up.base_url, LLM_MODEL="fake-model")
+        with client(server) as sdk:
+            chunks = list(sdk.chat.completions.create(model="fake-model", messages=HI, stream=True,
+                                                      stream_options={"include_usage": True}))
+            whole = sdk.chat.completions.create(model="fake-model", messages=HI)
+            events = checked(list(sdk.responses.create(model="fake-model", input="hi", stream=True)))
+            response = sdk.responses.create(model="fake-model", input="hi")
+        sse = read_sse(server.url + "/chat/sse", json_body={"prompt": "hi"})
+        text = server.post("/chat", json={"prompt": "hi"}).text
+    assert "".join(c.choices[0].delta.refusal or "" for c in chunks if c.choices) == REFUSAL
+    assert text_of(chunks) == "" and chunks[-2].choices[0].finish_reason == "stop"
+    assert whole.choices[0].message.refusal == REFUSAL and whole.choices[0].message.content is None
+    assert "".join(e.delta for e in events if e.type == "response.refusal.delta") == REFUSAL
+    assert [e.refusal for e in events if e.type == "response.refusal.done"] == [REFUSAL]
+    assert [(p.type, p.refusal) for p in response.output[0].content] == [("refusal", REFUSAL)]
+    assert "".join(e["text"] for e in sse.of("refusal")) == REFUSAL and sse.text == ""
+    assert text == REFUSAL
+    turn = server.get(f"/conversations/{sse.of('start')[0]['conversation_id']}").json()["messages"][-1]
+    assert (turn["role"], turn["content"], turn["status"]) == ("assistant", REFUSAL, "complete")
 
 
 def test_an_unknown_model_is_refused_before_anything_is_stored(serve):

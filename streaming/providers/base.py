@@ -15,6 +15,14 @@ class Reasoning:
 
 
 @dataclass(frozen=True, slots=True)
+class Refusal:
+    """The model declines to answer (OpenAI's `delta.refusal`, under structured outputs): text
+    in place of the answer's, a `refusal` event."""
+
+    text: str
+
+
+@dataclass(frozen=True, slots=True)
 class Status:
     """A progress hint (`stage`: "thinking", "searching", ...), a `status` event: no token."""
 
@@ -68,7 +76,7 @@ class ChoiceDelta:
 
 
 # A plain `str` is answer text: the common case stays the cheapest.
-Chunk = str | Reasoning | Usage | Finish | Status | ToolCallDelta | Logprobs | ChoiceDelta
+Chunk = str | Reasoning | Refusal | Usage | Finish | Status | ToolCallDelta | Logprobs | ChoiceDelta
 
 
 class ProviderError(Exception):

@@ -27,7 +27,7 @@ import httpx2
 import openai
 
 from ..config import Settings
-from .base import ChoiceDelta, Chunk, Finish, Logprobs, ProviderError, Reasoning, ToolCallDelta, Usage
+from .base import ChoiceDelta, Chunk, Finish, Logprobs, ProviderError, Reasoning, Refusal, ToolCallDelta, Usage
 from .http import close_response, http_client, sdk_error, sse_data
 
 log = logging.getLogger(__name__)
@@ -148,6 +148,8 @@ class OpenAIReply:
                     yield Reasoning(reasoning)
                 if delta.get("content"):
                     yield delta["content"]
+                if delta.get("refusal"):
+                    yield Refusal(delta["refusal"])
                 if choice.get("logprobs") and choice["logprobs"].get("content"):
                     yield Logprobs(choice["logprobs"]["content"])
                 if delta.get("tool_calls"):

@@ -195,7 +195,7 @@ class Reply {
     if (this.ended) return;
     if (event.type === "status") this.indicator.textContent = `${event.stage}…`;
     else if (event.type === "reasoning") this.addReasoning(event.text);
-    else if (event.type === "delta") this.addText(event.text);
+    else if (event.type === "delta" || event.type === "refusal") this.addText(event.text);
     else if (event.type === "done") this.finish(event.usage, event.duration_ms);
     else if (event.type === "error" && event.error.code === "stopped") this.stop();
     else if (event.type === "error") this.fail(event.error);

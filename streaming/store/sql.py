@@ -40,7 +40,9 @@ def decode_events(stored: str | None) -> list[dict]:
 
 
 def text_of(log: Log) -> str:
-    return "".join([e for e in log if type(e) is str])
+    """The answer's text; when the model refused (and wrote none), its refusal."""
+    text = "".join([e for e in log if type(e) is str])
+    return text or "".join([e["text"] for e in log if type(e) is dict and e["type"] == "refusal"])
 
 
 def chain(digest: str | None, role: str, content: str, tool_calls: list | None = None,
