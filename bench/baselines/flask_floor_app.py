@@ -18,6 +18,7 @@ import time
 import uuid
 
 from flask import Flask, Response, request, stream_with_context
+from gevent import spawn_raw  # the producer as the service starts it under gevent: a raw greenlet
 
 TTFT_S = float(os.environ.get("DEMO_TTFT_MS", "0")) / 1000
 RATE = float(os.environ.get("DEMO_TOKENS_PER_S", "0"))
@@ -90,7 +91,7 @@ def chat_sse():
                 changed.wait()
         yield "data: [DONE]\n\n"
 
-    threading.Thread(target=produce, daemon=True).start()
+    spawn_raw(produce)
     time.sleep(0)  # the producer's first turn, as the service gives it
     return Response(stream_with_context(generate()), mimetype="text/event-stream")
 
