@@ -31,11 +31,10 @@ What a strict client can rely on:
 
 from __future__ import annotations
 
-import functools
 import time
 
 from flask import Blueprint, Response, jsonify, request
-from pydantic import TypeAdapter, ValidationError
+from pydantic import ValidationError
 from werkzeug.exceptions import HTTPException
 
 from . import openai_errors
@@ -53,6 +52,7 @@ from .params import (
     tool_result_message,
     tools_field,
 )
+from .sdk_types import request_types
 from .tool_calls import unknown_call
 from .turns import begin_answer, collect, service, streamed
 from .wire import OpenAIFraming
@@ -140,27 +140,16 @@ def message_text(message: dict) -> str:
     return text_field(message, "content")
 
 
-@functools.cache
-def sdk_schema(stream: bool) -> tuple[TypeAdapter, frozenset[str]]:
-    """The SDK's type of a request (`CompletionCreateParamsStreaming` or `...NonStreaming`), as a
-    pydantic adapter, and its fields: made once per process, on the first request (importing the
-    SDK takes half a second and `ssl`, which gevent must have patched first)."""
-    from openai.types.chat import completion_create_params as params
-
-    kind = params.CompletionCreateParamsStreaming if stream else params.CompletionCreateParamsNonStreaming
-    return TypeAdapter(kind), kind.__required_keys__ | kind.__optional_keys__
-
-
 def check_fields(fields: dict) -> None:
     """A 400 for a field that the SDK's type of the request lacks, or whose value is not of its type
     (`param` names it). `messages` and `tools` are iterables there, which pydantic checks only as
     they are read: `read_message` checks them. `model` may be left out: the provider's default."""
-    adapter, known = sdk_schema(fields.get("stream") is True)
+    known, streamed, whole = request_types("chat.completion_create_params", "CompletionCreateParams")
     unknown = sorted(set(fields) - known)
     if unknown:
         raise invalid(f"unrecognized request argument(s): {', '.join(unknown)}")
     try:
-        adapter.validate_python(fields, strict=True)
+        (streamed if fields.get("stream") is True else whole).validate_python(fields, strict=True)
     except ValidationError as exc:
         errors = [e for e in exc.errors(include_url=False, include_input=False) if e["loc"] != ("model",)
                   or e["type"] != "missing"]

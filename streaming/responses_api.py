@@ -18,7 +18,6 @@ for nothing (`NOTHING`). Errors are OpenAI's (`openai_errors`), with `param`.
 
 from __future__ import annotations
 
-import functools
 import re
 import time
 
@@ -39,6 +38,7 @@ from .params import (
     tool_result_message,
     tools_field,
 )
+from .sdk_types import request_types
 from .tool_calls import unknown_call
 from .turns import begin_answer, collect, service, streamed
 from .wire import ResponsesFraming
@@ -68,24 +68,11 @@ NOTHING: dict[str, tuple] = {
 RESPONSE_ID_CHARS = 5 + 32  # "resp_" and a message id
 
 
-@functools.cache
-def sdk_types() -> tuple[frozenset[str], object, object]:
-    """The request type's field names and pydantic validators for it, streamed and whole. Made
-    on the first request: importing the SDK's types takes half a second, which a service that
-    never answers /v1/responses should not pay at every start."""
-    from openai.types.responses import response_create_params as types
-    from pydantic import TypeAdapter
-
-    streamed, whole = types.ResponseCreateParamsStreaming, types.ResponseCreateParamsNonStreaming
-    names = frozenset(streamed.__required_keys__ | streamed.__optional_keys__)
-    return names, TypeAdapter(streamed), TypeAdapter(whole)
-
-
 def check_types(fields: dict) -> None:
     """Unknown fields, and values whose type the API refuses, are a 400 naming the field."""
     from pydantic import ValidationError
 
-    names, streamed, whole = sdk_types()
+    names, streamed, whole = request_types("responses.response_create_params", "ResponseCreateParams")
     unknown = sorted(set(fields) - names)
     if unknown:
         raise bad(unknown[0], f"unrecognized request argument(s): {', '.join(unknown)}")
