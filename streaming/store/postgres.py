@@ -6,6 +6,10 @@ lazily in the worker (never in gunicorn's master). psycopg waits for the server 
 which gevent patches (supported from psycopg 3.1.14 on), so a slow query holds only its own
 greenlet; the pool's own threads are greenlets there too.
 
+A process's writes go in groups, one transaction for those that come together (group commit,
+as SQLite's: see `PostgresStore.transaction`), and its reads on connections of their own, one
+round trip each.
+
 A server that is down or unreachable is StoreUnavailable within `TIMEOUT_S` (connecting, waiting
 for a pooled connection, or a statement), never a hang; the pool reconnects by itself once it is
 back. The schema is migrated by the first transaction of each process, under an advisory lock,
@@ -232,7 +236,7 @@ class PostgresStore(SQLStore):
             raise self._unavailable(pool, exc) from None
 
     @contextmanager
-    def transaction(self) -> Iterator[Transaction]:
+    def transaction(self) -> Iterator[Statements]:
         """One transaction, committed on success; the process's transactions that come together
         are committed together (group commit), as SQLite's are (see sqlite.py): the first one
         takes a connection and runs, its writes kept (`Statements`) until a read needs an answer;
@@ -280,9 +284,9 @@ class PostgresStore(SQLStore):
                 try:
                     try:
                         yield db
-                    except BaseException:  # none has joined yet: undo it all, the group is over
+                    except BaseException as exc:  # none has joined yet: undo it all, the group is over
                         self._group = None
-                        if db.sent and group.error is None:
+                        if db.sent and not isinstance(exc, psycopg.Error):  # (which is rolled back below)
                             db.pending.append("ROLLBACK")
                             db.send()
                         raise
