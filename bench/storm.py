@@ -245,9 +245,7 @@ def p_burst(quick: bool, before: srv.Checkout | None = None) -> list[dict]:
     env = {**srv.pace_env(100, 20), "RESUME_GRACE_S": "30"}
     with srv.service("gevent", 1, env) as one:
         rows = burst_rows("embedded, same worker", [burst(one, one, streams, 2.0) for _ in range(rounds)])
-    for name, checkout in {"": None, " (before)": before}.items():
-        if name and checkout is None:
-            continue
+    for name, checkout in {"": srv.Checkout(), **({" (before)": before} if before else {})}.items():
         with two_hosts(env, checkout) as (a, b):
             for size in dict.fromkeys([streams // 2, streams]):
                 rows += burst_rows(f"PostgreSQL + Redis{name}, host A to B, {size}",
