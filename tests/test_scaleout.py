@@ -351,3 +351,14 @@ def test_turns_begun_together_on_postgres_commit_together_and_each_stands_alone(
         assert commits < kept
     finally:
         server.stop()
+
+
+def test_text_is_saved_as_it_was_written_on_each_store(serve, database_url):
+    """A group's writes are bound on the client side on PostgreSQL (psycopg's own quoting): text
+    with quotes, backslashes, percent signs and any character comes back as it was sent."""
+    prompt = "100% sure %s %(x)s '; DROP TABLE messages; -- \\ \" é 中 😀"
+    server = serve()
+    answer = read_sse(server.url + "/chat/sse", json_body={"prompt": prompt, "system": "be %s 'brief'"})
+    conversation = server.get(f"/conversations/{answer.events[0]['conversation_id']}").json()
+    assert conversation["system"] == "be %s 'brief'"
+    assert [m["content"] for m in conversation["messages"]] == [prompt, answer.text]
