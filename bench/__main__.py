@@ -4,7 +4,8 @@
 commit, from `git worktree add`) to P1, P2 and P3, side by side in the same run; `--before-env
 NAME=VALUE` sets a variable for that checkout only. `--postgres` adds the service on PostgreSQL
 (a cluster the bench starts, as the tests do) to P1 and P2, beside the embedded default, and
-`--redis` the service on PostgreSQL and Redis. `storm` and `stop` (not in the default set) are the
+`--redis` the service on PostgreSQL and Redis (with `--before`, that checkout too in each, on
+the same servers). `storm` and `stop` (not in the default set) are the
 reconnect storm and Stop between two hosts sharing PostgreSQL and Redis; `burst` (not in the default set) the
 reconnect burst at P2's size, on the same worker and across hosts (bench/storm.py); `slow` (not in the default
 set either) times normal requests while connections drip their headers (bench/slow_clients.py). `--soak [MINUTES]` runs
@@ -65,13 +66,17 @@ def main() -> None:
         cluster = PostgresCluster()
         atexit.register(cluster.remove)
         url = cluster.url(cluster.create_database())
+        scaled_out = {}
         if args.postgres:
-            measures.VARIANTS["service, PostgreSQL"] = server.Checkout(env={"DATABASE_URL": url})
+            scaled_out["PostgreSQL"] = {"DATABASE_URL": url}
         if args.redis:
             redis = RedisServer()
             atexit.register(redis.remove)
-            measures.VARIANTS["service, PostgreSQL + Redis"] = server.Checkout(
-                env={"DATABASE_URL": url, "REDIS_URL": redis.url()})
+            scaled_out["PostgreSQL + Redis"] = {"DATABASE_URL": url, "REDIS_URL": redis.url()}
+        for name, env in scaled_out.items():  # and the --before checkout on the same servers, beside it
+            measures.VARIANTS[f"service, {name}"] = server.Checkout(env=env)
+            if before:
+                measures.VARIANTS[f"service (before), {name}"] = server.Checkout(before.root, {**before.env, **env})
     measures.LITELLM = args.litellm
     limit = server.raise_nofile()
     print(f"machine: {machine()}; open files: {limit}", flush=True)

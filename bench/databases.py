@@ -3,7 +3,8 @@ temporary directory, on a loopback port, stopped by its PID.
 
 PostgreSQL refuses to run as root: as root (as in CI) `initdb` and `postgres` run as the
 `postgres` user that Debian's package creates. The cluster speaks TLS with a certificate made
-here, so that `sslmode=require` URLs are tested for real.
+here, so that `sslmode=require` URLs are tested for real, and it records when each transaction
+committed (`pg_xact_commit_timestamp`), so that a test can count the commits of its rows.
 """
 
 from __future__ import annotations
@@ -72,7 +73,8 @@ class PostgresCluster:
         self.process = subprocess.Popen(
             as_postgres([postgres_bin("postgres"), "-D", str(self.data), "-p", str(self.port), "-k", str(self.dir),
                          "-c", "listen_addresses=127.0.0.1", "-c", "fsync=off", "-c", "synchronous_commit=off",
-                         "-c", "full_page_writes=off", "-c", "max_connections=300", "-c", "ssl=on"]),
+                         "-c", "full_page_writes=off", "-c", "max_connections=300", "-c", "ssl=on",
+                         "-c", "track_commit_timestamp=on"]),
             stdout=log, stderr=subprocess.STDOUT,
         )
         wait_ready(self.ready, "PostgreSQL")

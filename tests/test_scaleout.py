@@ -308,3 +308,57 @@ def test_a_sigkilled_worker_leaves_nothing_of_a_store_false_answer(serve, databa
             os.kill(pid, signal.SIGKILL)
     wait_for(lambda: b.get(f"/conversations/{conversation_id}").status_code == 404, what="the conversation to go")
     assert b.get("/conversations").json()["conversations"] == []
+
+
+def test_turns_begun_together_on_postgres_commit_together_and_each_stands_alone(tmp_path, postgres):
+    """A gevent worker commits the turns that begin together in one PostgreSQL transaction
+    (group commit), each in a savepoint: one refused (its conversation is busy) takes nothing of
+    the others with it, and each one begun is kept."""
+    import psycopg
+
+    url = postgres.url(postgres.create_database())
+    server = start_server(tmp_path, "gevent", {"DEMO_TOKENS": "200", "DEMO_TOKENS_PER_S": "20"}, database_url=url)
+    try:
+        busy = open_stream(server, "long")
+        busy_id = busy.headers["X-Conversation-Id"]
+
+        def ask(i: int) -> tuple[int, str | None]:
+            body = {"prompt": f"turn {i}", **({"conversation_id": busy_id} if i % 3 == 0 else {})}
+            with requests.post(server.url + "/chat", json=body, stream=True, timeout=30) as answer:
+                return answer.status_code, answer.headers.get("X-Conversation-Id")  # and leaves
+
+        with ThreadPoolExecutor(30) as pool:
+            results = list(enumerate(pool.map(ask, range(60))))
+        busy.close()
+        assert {code for i, (code, _) in results if i % 3 == 0} == {409}
+        begun = [(i, conversation) for i, (code, conversation) in results if i % 3]
+        assert len(begun) == 40 and all(code == 200 for i, (code, _) in results if i % 3)
+        wait_for(lambda: all(turn["status"] != "streaming" for _, c in begun
+                             for turn in server.get(f"/conversations/{c}").json()["messages"]),
+                 what="every turn begun to be saved")
+        for i, conversation in begun:
+            messages = server.get(f"/conversations/{conversation}").json()["messages"]
+            assert (messages[0]["role"], messages[0]["content"]) == ("user", f"turn {i}")
+            assert messages[1]["status"] in ("complete", "interrupted")
+        with psycopg.connect(url) as conn:
+            kept = conn.execute("SELECT count(*) FROM conversations WHERE id <> %s", (busy_id,)).fetchone()[0]
+            commits = conn.execute(  # (the cluster tracks when each transaction, or savepoint, committed)
+                "SELECT count(DISTINCT pg_xact_commit_timestamp(xmin)) FROM messages"
+                " WHERE role = 'user' AND conversation_id <> %s",  # prompts stay as their turn's begin wrote them
+                (busy_id,),
+            ).fetchone()[0]
+        assert kept == 40  # the refused turns left nothing
+        assert commits < kept
+    finally:
+        server.stop()
+
+
+def test_text_is_saved_as_it_was_written_on_each_store(serve, database_url):
+    """A group's writes are bound on the client side on PostgreSQL (psycopg's own quoting): text
+    with quotes, backslashes, percent signs and any character comes back as it was sent."""
+    prompt = "100% sure %s %(x)s '; DROP TABLE messages; -- \\ \" é 中 😀"
+    server = serve()
+    answer = read_sse(server.url + "/chat/sse", json_body={"prompt": prompt, "system": "be %s 'brief'"})
+    conversation = server.get(f"/conversations/{answer.events[0]['conversation_id']}").json()
+    assert conversation["system"] == "be %s 'brief'"
+    assert [m["content"] for m in conversation["messages"]] == [prompt, answer.text]

@@ -111,3 +111,19 @@ def test_turns_begun_together_are_saved_or_refused_each_on_its_own(serve, tmp_pa
         assert messages[1]["status"] in ("complete", "interrupted")
     kept = sqlite3.connect(db).execute("SELECT count(*) FROM conversations").fetchone()[0]
     assert kept == 41  # the busy one and the forty begun; the refused turns left nothing
+
+
+def test_a_turn_ends_in_another_process_than_the_one_that_began_it(tmp_path):
+    """A process ends the turns it began without reading their conversation first (it keeps what
+    it needs); a turn begun by another process's store is read, and ends the same way."""
+    from streaming.config import Settings
+    from streaming.store.sqlite import SQLiteStore
+
+    path = str(tmp_path / "two.db")
+    began, ends = SQLiteStore(path, Settings()), SQLiteStore(path, Settings())
+    conversation_id, _ = began.begin_turn(None, "m1", "hello", None, "demo", worker="w")
+    ends.end_turn("m1", "complete", [{"type": "start"}, "hi there", {"type": "done"}], None)
+    turn = ends.conversation(conversation_id)["messages"][-1]
+    assert (turn["status"], turn["content"]) == ("complete", "hi there")
+    history = ({"role": "user", "content": "hello"}, {"role": "assistant", "content": "hi there"})
+    assert began.begin_turn(None, "m2", "next", None, "demo", history=history, worker="w")[0] == conversation_id

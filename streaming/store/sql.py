@@ -121,12 +121,21 @@ class SQLStore:
     def __init__(self, settings: Settings) -> None:
         self.history_chars = settings.history_chars
         self.lease_s = settings.lease_s
+        # message id -> (conversation id, its history_hash, keep) of each turn begun here and not
+        # yet ended: a turn ends in the process that began it, so its end reads nothing first.
+        self._turns: dict[str, tuple[str, str, bool]] = {}
 
     def transaction(self) -> AbstractContextManager:
         """A connection for one short transaction, committed on success, with `execute(sql, params)`
         (returning a cursor) and `executemany(sql, rows)`; StoreUnavailable when the database
         cannot be used."""
         raise NotImplementedError
+
+    def autocommit(self) -> AbstractContextManager:
+        """A connection as `transaction`'s, on which each statement may be a transaction of its own
+        (for reads, which see a snapshot per statement in a READ COMMITTED transaction anyway, and
+        single writes): outside PostgreSQL's group commit, so that a read never waits for a group."""
+        return self.transaction()
 
     # -- turns ----------------------------------------------------------------------------
 
@@ -159,12 +168,11 @@ class SQLStore:
             if conversation_id is None and history and keep:
                 conversation_id, retry = self._stored_as(db, now, owner, system, history, inputs)
             if conversation_id is None:
-                conversation_id = uuid.uuid4().hex
+                conversation_id, digest = uuid.uuid4().hex, history_digest(system, [*history, *inputs])
                 db.execute(
                     "INSERT INTO conversations (id, system, owner, created_at, updated_at, history_hash, keep)"
                     " VALUES (?, ?, ?, ?, ?, ?, ?)",
-                    (conversation_id, system, owner, now, now, history_digest(system, [*history, *inputs]),
-                     int(keep)),
+                    (conversation_id, system, owner, now, now, digest, int(keep)),
                 )
                 if history:
                     db.executemany(
@@ -193,9 +201,10 @@ class SQLStore:
                     db.executemany("DELETE FROM messages WHERE id = ?", [(r["id"],) for r in gone])
                     rows = rows[:-len(gone)]
                 earlier = [stored_message(r) for r in rows]
+                digest = history_digest(row["system"], [*earlier, *inputs])
                 db.execute(
                     "UPDATE conversations SET updated_at = ?, history_hash = ? WHERE id = ?",
-                    (now, history_digest(row["system"], [*earlier, *inputs]), conversation_id),
+                    (now, digest, conversation_id),
                 )
                 system = system if system is not None else row["system"]
             unknown = unknown_call([*earlier, *inputs], len(earlier))
@@ -211,6 +220,7 @@ class SQLStore:
                      now + self.lease_s, now),
                 ],
             )
+        self._turns[message_id] = (conversation_id, digest, keep)
         messages = upstream_messages(self.trim(earlier) + inputs)
         if system:
             messages.insert(0, {"role": "system", "content": system})
@@ -263,39 +273,47 @@ class SQLStore:
     def end_turn(self, message_id: str, status: str, log: Log, error_code: str | None) -> None:
         done = log[-1] if log and type(log[-1]) is dict and log[-1]["type"] == "done" else {}
         with self.transaction() as db:
-            conversation = db.execute(
-                "SELECT c.id, c.history_hash, c.keep FROM conversations c JOIN messages m ON m.conversation_id = c.id"
-                " WHERE m.id = ?",
-                (message_id,),
-            ).fetchone()
-            if conversation is None:  # deleted meanwhile (its turn had been saved as worker_lost)
-                return
-            if not conversation["keep"]:
-                db.execute("DELETE FROM conversations WHERE id = ?", (conversation["id"],))
-                return
-            text, calls = text_of(log), message_calls(log)
-            db.execute(
-                "UPDATE messages SET content = ?, tool_calls = ?, status = ?, error_code = ?, usage = ?,"
-                " finish_reason = ?, ttft_ms = ?, duration_ms = ?, events = ?, finished_at = ? WHERE id = ?",
-                (
-                    text,
-                    encode_log(calls) if calls else None,
-                    status,
-                    error_code,
-                    json.dumps(done["usage"]) if "usage" in done else None,
-                    done.get("finish_reason"),
-                    done.get("ttft_ms"),
-                    done.get("duration_ms"),
-                    encode_log(log),
-                    time.time(),
-                    message_id,
-                ),
-            )
-            if status == "complete":  # the conversation's history now ends with this answer
+            known = self._turns.get(message_id)
+            if known is None:  # begun by another process (its turns are all in `_turns` otherwise)
+                row = db.execute(
+                    "SELECT c.id, c.history_hash, c.keep FROM conversations c"
+                    " JOIN messages m ON m.conversation_id = c.id WHERE m.id = ?",
+                    (message_id,),
+                ).fetchone()
+                if row is None:  # deleted meanwhile (its turn had been saved as worker_lost)
+                    return
+                known = row["id"], row["history_hash"], bool(row["keep"])
+            conversation_id, digest, keep = known
+            # The conversation's row before the message's, in the order that begin_turn takes them
+            # (no deadlock between the two on PostgreSQL). A conversation deleted meanwhile (its
+            # turn had been saved as worker_lost) has neither row: nothing is written.
+            if not keep:
+                db.execute("DELETE FROM conversations WHERE id = ?", (conversation_id,))
+            else:
+                text, calls = text_of(log), message_calls(log)
+                if status == "complete":  # its history now ends with this answer (unless a turn came after)
+                    db.execute(
+                        "UPDATE conversations SET history_hash = ? WHERE id = ? AND history_hash = ?",
+                        (chain(digest, "assistant", text, calls), conversation_id, digest),
+                    )
                 db.execute(
-                    "UPDATE conversations SET history_hash = ? WHERE id = ?",
-                    (chain(conversation["history_hash"], "assistant", text, calls), conversation["id"]),
+                    "UPDATE messages SET content = ?, tool_calls = ?, status = ?, error_code = ?, usage = ?,"
+                    " finish_reason = ?, ttft_ms = ?, duration_ms = ?, events = ?, finished_at = ? WHERE id = ?",
+                    (
+                        text,
+                        encode_log(calls) if calls else None,
+                        status,
+                        error_code,
+                        json.dumps(done["usage"]) if "usage" in done else None,
+                        done.get("finish_reason"),
+                        done.get("ttft_ms"),
+                        done.get("duration_ms"),
+                        encode_log(log),
+                        time.time(),
+                        message_id,
+                    ),
                 )
+        self._turns.pop(message_id, None)
 
     # -- leases ---------------------------------------------------------------------------
 
@@ -314,7 +332,7 @@ class SQLStore:
                 db.executemany("UPDATE messages SET lease_until = ? WHERE id = ? AND status = 'streaming'", leases)
 
     def stop_requests(self, worker: str) -> list[str]:
-        with self.transaction() as db:
+        with self.autocommit() as db:
             rows = db.execute(
                 "SELECT id FROM messages WHERE worker = ? AND status = 'streaming' AND stop_requested_at IS NOT NULL",
                 (worker,),
@@ -343,18 +361,18 @@ class SQLStore:
             ]
             log.append({"type": "error", "error": {"code": WORKER_LOST, "message": LOST_MESSAGE}})
             calls = message_calls(log)
-            updated = db.execute(
+            updated = db.execute(  # (RETURNING, not rowcount: see PostgresStore.transaction)
                 "UPDATE messages SET status = 'interrupted', error_code = ?, content = ?, tool_calls = ?, events = ?,"
-                " finished_at = ? WHERE id = ? AND status = 'streaming'",
+                " finished_at = ? WHERE id = ? AND status = 'streaming' RETURNING id",
                 (WORKER_LOST, text_of(log), encode_log(calls) if calls else None, encode_log(log), now, row["id"]),
-            )
-            if updated.rowcount:
+            ).fetchone()
+            if updated:
                 reaped.append(row["id"])
                 db.execute("DELETE FROM conversations WHERE id = ? AND keep = 0", (row["conversation_id"],))
         return reaped
 
     def streaming_turn(self, conversation_id: str, owner: str = "") -> str | None:
-        with self.transaction() as db:
+        with self.autocommit() as db:
             row = db.execute(
                 "SELECT id FROM messages WHERE conversation_id = ? AND owner = ? AND status = 'streaming'",
                 (conversation_id, owner),
@@ -362,14 +380,14 @@ class SQLStore:
         return row and row["id"]
 
     def request_stop(self, message_id: str) -> None:
-        with self.transaction() as db:
+        with self.autocommit() as db:
             db.execute(
                 "UPDATE messages SET stop_requested_at = ? WHERE id = ? AND status = 'streaming'",
                 (time.time(), message_id),
             )
 
     def check(self, worker: str) -> None:
-        with self.transaction() as db:
+        with self.autocommit() as db:
             db.execute(
                 "INSERT INTO health (worker, checked_at) VALUES (?, ?)"
                 " ON CONFLICT (worker) DO UPDATE SET checked_at = excluded.checked_at",
@@ -379,12 +397,12 @@ class SQLStore:
     # -- reading --------------------------------------------------------------------------
 
     def message(self, message_id: str, owner: str = "") -> dict | None:
-        with self.transaction() as db:
+        with self.autocommit() as db:
             row = db.execute("SELECT * FROM messages WHERE id = ? AND owner = ?", (message_id, owner)).fetchone()
         return None if row is None else {**dict(row), "events": decode_events(row["events"])}
 
     def conversation(self, conversation_id: str, owner: str = "") -> dict | None:
-        with self.transaction() as db:
+        with self.autocommit() as db:
             row = db.execute(
                 "SELECT id, system, owner, created_at, updated_at FROM conversations WHERE id = ? AND owner = ?",
                 (conversation_id, owner),
@@ -406,7 +424,7 @@ class SQLStore:
         return {**dict(row), "messages": messages}
 
     def conversations(self, limit: int, before: float | None, owner: str = "") -> list[dict]:
-        with self.transaction() as db:
+        with self.autocommit() as db:
             rows = db.execute(
                 "SELECT c.id, c.system, c.owner, c.created_at, c.updated_at,"
                 " (SELECT content FROM messages m WHERE m.conversation_id = c.id AND m.role = 'user'"
@@ -425,6 +443,6 @@ class SQLStore:
             ).fetchone():
                 raise ConversationBusy(conversation_id)
             return db.execute(
-                "DELETE FROM conversations WHERE id = ? AND owner = ?", (conversation_id, owner)
-            ).rowcount > 0
+                "DELETE FROM conversations WHERE id = ? AND owner = ? RETURNING id", (conversation_id, owner)
+            ).fetchone() is not None
 
