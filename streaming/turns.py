@@ -188,11 +188,13 @@ def begin_answer(chat: ChatRequest, resumable: bool = False) -> Answer:
     asked = time.monotonic()
     try:
         reply = svc.provider.stream(messages, {"model": model, **chat.provider_params()})
-    except ProviderError as exc:  # refused before the first token: a turn that failed all the same
-        svc.store.end_turn(message_id, "error", [], exc.code)
+    except Exception as exc:  # refused before the first token, or the provider's code failed: a turn
+        # that failed all the same, saved so (its conversation is free for the next turn at once)
+        code = exc.code if isinstance(exc, ProviderError) else "internal_error"
+        svc.store.end_turn(message_id, "error", [], code)
         metrics.stream_started(context["endpoint"])
         duration_ms = round((time.monotonic() - asked) * 1000)
-        record_end(context, conversation_id, message_id, "error", exc.code, None, 0, duration_ms, 0)
+        record_end(context, conversation_id, message_id, "error", code, None, 0, duration_ms, 0)
         raise
     answer = Answer(
         reply,

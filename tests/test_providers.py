@@ -97,6 +97,24 @@ def test_a_provider_of_your_own_by_its_import_path(serve):
     assert response.status_code == 400 and response.json()["error"]["message"] == "nothing to echo"
 
 
+def test_a_provider_that_fails_in_its_own_code_leaves_its_turn_saved_and_the_conversation_free(serve):
+    """Not a ProviderError but a bug: a JSON 500, the turn saved as an error, and the next turn of
+    the conversation answered at once rather than a 409 until the turn's lease runs out."""
+    server = serve("gevent", LLM_PROVIDER="tests.faulty_provider:FaultyProvider")
+    conversation_id = read_sse(server.url + "/chat/sse", json_body={"prompt": "one"}).events[0]["conversation_id"]
+    failed = server.post("/chat/sse", json={"prompt": "fault", "conversation_id": conversation_id})
+    assert failed.status_code == 500 and failed.json()["error"]["code"] == "internal_error"
+    assert "RuntimeError" not in failed.text
+    again = read_sse(server.url + "/chat/sse", json_body={"prompt": "two", "conversation_id": conversation_id})
+    assert again.text == "two"
+    turns = server.get(f"/conversations/{conversation_id}").json()["messages"]
+    assert [(t["role"], t["content"], t["status"]) for t in turns] == [
+        ("user", "one", "complete"), ("assistant", "one", "complete"),
+        ("user", "fault", "complete"), ("assistant", "", "error"),
+        ("user", "two", "complete"), ("assistant", "two", "complete"),
+    ]
+
+
 def test_tool_calls_are_anthropics_tool_use(serve, upstream):
     """OpenAI's tools through /v1 to Anthropic's tool use and back: the calls stream as OpenAI
     chunks the SDK accumulates; the results go back as `tool_result` blocks."""
