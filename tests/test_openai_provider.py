@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import socket
+import subprocess
+import sys
 import threading
 
 import httpcore2
@@ -14,7 +16,7 @@ import requests
 
 from streaming.providers.http import _Backend, body_chunks, http_client, sse_data
 
-from .conftest import WORKER_CLASSES, free_port, wait_for
+from .conftest import ROOT, WORKER_CLASSES, free_port, wait_for
 from .fake_upstream import SECRET_DETAIL, FakeUpstream
 from .streams import read_sse
 
@@ -308,3 +310,15 @@ def test_a_chunked_body_is_read_below_httpx_and_leaves_its_connection_to_the_nex
                 assert response.is_closed
             assert got == [['{"n": 1}', '{"n": 2}', "[DONE]"], ['{"n": 3}', "[DONE]"]], (size, head_cut)
             assert backend.connections == 1, (size, head_cut)
+
+
+@pytest.mark.parametrize("sdk", ["openai", "anthropic"])
+def test_the_sdks_platform_headers_are_made_with_the_provider(sdk):
+    """Not by the first requests: the SDK caches them once made, and each of the first requests
+    made together (a deploy's reconnects) ran `uname -p` in a subprocess to make them."""
+    provider = {"openai": "OpenAIProvider", "anthropic": "AnthropicProvider"}[sdk]
+    code = (f"import {sdk}._base_client as base\n"
+            f"from streaming.config import Settings\nfrom streaming.providers.{sdk} import {provider}\n"
+            f"{provider}(Settings(llm_provider='{sdk}'))\nprint(base.platform_headers.cache_info().currsize)")
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
+    assert out.stdout.split() == ["1"]

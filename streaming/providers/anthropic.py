@@ -30,7 +30,7 @@ import httpx2
 
 from ..config import Settings
 from .base import Chunk, Finish, ProviderError, Reasoning, ToolCallDelta, Usage
-from .http import body_chunks, close_response, http_client, sdk_error, sse_data
+from .http import body_chunks, close_response, http_client, sdk_error, sse_data, warm
 
 log = logging.getLogger(__name__)
 
@@ -124,6 +124,7 @@ class AnthropicProvider:
 
             http_client=http_client(anthropic),
         )
+        warm(self.client)
 
     def models(self) -> list[str]:
         try:

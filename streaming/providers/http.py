@@ -103,6 +103,14 @@ def http_client(sdk: ModuleType) -> httpx2.Client:
     return sdk.DefaultHttpxClient(transport=transport)
 
 
+def warm(client: Any) -> None:
+    """Make the SDK `client`'s platform headers now, in the worker as it starts: the SDK finds them
+    once for the process (`platform.processor()`, which runs `uname -p` in a subprocess) and caches
+    them only then, so that every request of the first ones made together (200 clients starting
+    at once, a deploy's reconnects) ran that subprocess."""
+    client.platform_headers()
+
+
 def body_chunks(response: httpx2.Response) -> Iterator[bytes]:
     """The body of a streamed `response` of the SDK's client, as bytes. A chunked HTTP/1.1 body
     (what a streaming server sends) is read here off the connection's stream, its chunks decoded

@@ -28,7 +28,7 @@ import openai
 
 from ..config import Settings
 from .base import ChoiceDelta, Chunk, Finish, Logprobs, ProviderError, Reasoning, ToolCallDelta, Usage
-from .http import body_chunks, close_response, http_client, sdk_error, sse_data
+from .http import body_chunks, close_response, http_client, sdk_error, sse_data, warm
 
 log = logging.getLogger(__name__)
 
@@ -86,6 +86,7 @@ class OpenAIProvider:
             max_retries=0,
             http_client=http_client(openai),
         )
+        warm(self.client)
 
     def models(self) -> list[str]:
         try:
