@@ -3,9 +3,11 @@ the SDK's errors mean, the stream's Server-Sent Events, and closing it from any 
 
 from __future__ import annotations
 
+import functools
 import select
 import socket
-from collections.abc import Iterable, Iterator
+import ssl
+from collections.abc import Callable, Iterable, Iterator
 from types import ModuleType
 from typing import Any
 
@@ -22,13 +24,6 @@ except ImportError:
     _poll = select.poll
 
 
-def _readable(sock: socket.socket) -> bool:
-    """Whether `sock` has bytes (or its end) to read now: one poll(2) with no wait."""
-    poll = _poll()
-    poll.register(sock, select.POLLIN)
-    return bool(poll.poll(0))
-
-
 class _Stream(httpcore2.NetworkStream):
     """httpcore's stream with `is_readable` asked of the kernel directly, and what `body_chunks`
     needs to read a chunked body below httpx: the bytes of the response that came after its head
@@ -40,6 +35,7 @@ class _Stream(httpcore2.NetworkStream):
         self._head: bytes | None = None  # the response's first bytes, while its head's end is not among them
         self.after_head: bytes | None = None  # what came after the head in the same reads
         self._put_back = b""
+        self._poll: Any = None  # a poll object with the socket in it, made on the first check
 
     def read(self, max_bytes: int, timeout: float | None = None) -> bytes:
         if self._put_back:
@@ -50,7 +46,8 @@ class _Stream(httpcore2.NetworkStream):
             self._head += data
             end = self._head.find(b"\r\n\r\n")
             if end >= 0 or not data:
-                self.after_head = self._head[end + 4 :] if self._head.startswith(b"HTTP/1.1 200 ") else None
+                whole = end >= 0 and self._head.startswith(b"HTTP/1.1 200 ")
+                self.after_head = self._head[end + 4 :] if whole else None
                 self._head = None
         return data
 
@@ -68,9 +65,14 @@ class _Stream(httpcore2.NetworkStream):
         return _Stream(self._stream.start_tls(*args, **kwargs))
 
     def get_extra_info(self, info: str) -> Any:
-        if info == "is_readable":
-            sock = self._stream.get_extra_info("socket")
-            return sock is not None and _readable(sock)
+        if info == "is_readable":  # whether the socket has bytes (or its end) to read now: one poll(2)
+            if self._poll is None:
+                sock = self._stream.get_extra_info("socket")
+                if sock is None:
+                    return False
+                self._poll = _poll()
+                self._poll.register(sock, select.POLLIN)
+            return bool(self._poll.poll(0))
         return self._stream.get_extra_info(info)
 
 
@@ -133,20 +135,29 @@ def body_chunks(response: httpx2.Response) -> Iterator[bytes]:
 def _chunked(response: httpx2.Response, stream: _Stream, held: bytes) -> Iterator[bytes]:
     """The chunks of a chunked body read off `stream`, where h11 holds `held`, the body's start."""
     timeout = response.request.extensions.get("timeout", {}).get("read")
+    sock = stream.get_extra_info("socket")
+    if sock is not None and not isinstance(stream.get_extra_info("ssl_object"), ssl.SSLObject):
+        # TCP, or TLS that the socket decrypts itself: read from the socket, its timeout set once
+        # (nothing is written on the connection until the body's end), not through httpcore's
+        # stream, which sets it and enters a context manager on each read.
+        sock.settimeout(timeout)
+        recv = functools.partial(sock.recv, 65536)
+    else:  # TLS in TLS (a proxy's), decrypted by httpcore's stream
+        recv = functools.partial(stream.read, 65536, timeout)
     buffer = held  # the bytes not yet decoded, from `start` on in the body
     start = 0  # where `buffer` begins in the body
     rest_of_held = b""  # the body from the end of `held` to the end of the chunk it ends in
     while True:
         line_end = buffer.find(b"\r\n")
         while line_end < 0:
-            buffer += _read(stream, timeout)
+            buffer += _read(recv)
             line_end = buffer.find(b"\r\n")
         size = int(buffer[:line_end].split(b";", 1)[0], 16)  # chunk extensions are ignored
         if size == 0:
             break
         end = line_end + 2 + size + 2  # the chunk's data and its CRLF
         while len(buffer) < end:
-            buffer += _read(stream, timeout)
+            buffer += _read(recv)
         if buffer[end - 2 : end] != b"\r\n":
             raise httpcore2.RemoteProtocolError("malformed chunk")
         if start < len(held) < start + end:
@@ -154,7 +165,7 @@ def _chunked(response: httpx2.Response, stream: _Stream, held: bytes) -> Iterato
         yield buffer[line_end + 2 : end - 2]
         buffer, start = buffer[end:], start + end
     while b"\r\n\r\n" not in buffer:  # the last chunk: its size 0, its trailers, its end
-        buffer += _read(stream, timeout)
+        buffer += _read(recv)
     # h11 holds `held`: given the rest of the chunk that `held` ends in, it has whole chunks, and
     # then this last one (the buffer begins with it) makes a whole body; or `held` reaches into it.
     stream.put_back(rest_of_held + buffer if start >= len(held) else buffer[len(held) - start :])
@@ -162,8 +173,8 @@ def _chunked(response: httpx2.Response, stream: _Stream, held: bytes) -> Iterato
         pass
 
 
-def _read(stream: _Stream, timeout: float | None) -> bytes:
-    data = stream.read(65536, timeout)
+def _read(recv: Callable[[], bytes]) -> bytes:
+    data = recv()
     if not data:
         raise httpcore2.RemoteProtocolError("the server closed the connection mid-body")
     return data
