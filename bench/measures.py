@@ -7,13 +7,17 @@ a stream that never got its first byte counts as infinitely late.
 from __future__ import annotations
 
 import asyncio
+import json
 import math
+import subprocess
+import sys
 import time
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from . import floor
 from . import server as srv
 from .load import Stream, run_load, running_at_once
 
@@ -242,11 +246,23 @@ def _relay_row(name: str, level: int, start: str, direct: Run, relayed: Run) -> 
     }
 
 
+def _floor(upstream: srv.Server, streams: int, client: str) -> Run:
+    """`streams` answers read at once by one gevent process with `client` and no server (bench/floor.py)."""
+    out = subprocess.run([sys.executable, "-m", "bench.floor", upstream.url, str(streams), client], cwd=srv.ROOT,
+                         capture_output=True, text=True, check=True, timeout=300).stdout
+    result = json.loads(out)
+    streams_seen = [Stream(ttfb=s["ttft"], ttfd=s["ttft"], ended=s["end"], tokens=s["tokens"], error=s["error"],
+                           complete=s["error"] is None and s["tokens"] > 0) for s in result["streams"]]
+    return Run(streams_seen, result["cpu_s"], max(s["end"] for s in result["streams"]), 0, 0)
+
+
 def p3_relay(quick: bool, before: srv.Checkout | None = None) -> list[dict]:
     """The OpenAI provider relaying a local upstream at 50 tokens/s, against going straight to it
     (measured again next to each relay, so that both see the same machine): the clients of each
     level connecting over level / 200 s, then the top level's clients all at once, three times
-    (and their median); LiteLLM's proxy beside it with `--litellm`."""
+    (and their median); LiteLLM's proxy beside it with `--litellm`. Then the floor of the top
+    level started at once: the same answers read by one gevent process with no server in front
+    (bench/floor.py), through the SDK as documented, this service's provider alone, and httpx."""
     levels = [1, 50] if quick else [1, 50, 200]
     tokens, runs = (50, 1) if quick else (100, 3)
     body = {"model": "bench", "stream": True, "messages": [{"role": "user", "content": "bench"}]}
@@ -270,14 +286,24 @@ def p3_relay(quick: bool, before: srv.Checkout | None = None) -> list[dict]:
                 for level in levels:
                     rows.append(_relay_row(name, level, f"over {level / 200:g} s",
                                            *side_by_side(relay, path, relay_body, level, level / 200)))
-                together = [_relay_row(name, levels[-1], f"together, run {i + 1}",
-                                       *side_by_side(relay, path, relay_body, levels[-1], 0)) for i in range(runs)]
-                rows += together
-                if runs > 1:
-                    median = {"server": name, "streams": levels[-1], "start": f"together, median of {runs}"}
-                    for key in ("added p50 ms", "added p99 ms", "CPU s / M tokens relayed"):
-                        median[key] = pct([row[key] for row in together], 0.5)
-                    rows.append(median)
+                rows += _together(name, levels[-1], runs,
+                                  lambda r=relay, p=path, b=relay_body: side_by_side(r, p, b, levels[-1], 0))
+        for client in floor.CLIENTS:
+            def floor_run(client: str = client) -> tuple[Run, Run]:
+                direct = load(upstream, "/v1/chat/completions", levels[-1], levels[-1], body=body)
+                return direct, _floor(upstream, levels[-1], client)
+            rows += _together(f"floor: {client}, no server", levels[-1], runs, floor_run)
+    return rows
+
+
+def _together(name: str, level: int, runs: int, side_by_side: Callable[[], tuple[Run, Run]]) -> list[dict]:
+    """`runs` rows of `level` streams started at once (direct, then relayed), and their median."""
+    rows = [_relay_row(name, level, f"together, run {i + 1}", *side_by_side()) for i in range(runs)]
+    if runs > 1:
+        median = {"server": name, "streams": level, "start": f"together, median of {runs}"}
+        for key in ("added p50 ms", "added p99 ms", "CPU s / M tokens relayed"):
+            median[key] = pct([row[key] for row in rows], 0.5)
+        rows.append(median)
     return rows
 
 

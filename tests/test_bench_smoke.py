@@ -9,7 +9,7 @@ import pytest
 
 pytest.importorskip("aiohttp")
 
-from bench import measures, report  # noqa: E402
+from bench import floor, measures, report  # noqa: E402
 from bench import server as srv  # noqa: E402
 from bench.load import running_at_once  # noqa: E402
 
@@ -50,6 +50,14 @@ def test_relay_through_the_bench_upstream():
         with srv.service("gevent", 1, env) as relay:
             relayed = measures.load(relay, measures.SSE, 2, 2)
             assert relayed.completed == 2 and relayed.tokens == 24
+
+
+@pytest.mark.parametrize("client", list(floor.CLIENTS))
+def test_p3s_floor_reads_every_answer_with_no_server(client):
+    with srv.upstream(0, 12) as upstream:
+        run = measures._floor(upstream, 3, client)
+        assert run.completed == 3 and run.tokens == 36 and run.cpu_s > 0
+        assert all(s.ttfd is not None and s.ttfd <= s.ended for s in run.streams)
 
 
 def test_the_reconnect_storm_resumes_every_stream(postgres, redis_server):

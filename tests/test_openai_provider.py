@@ -4,15 +4,19 @@ from __future__ import annotations
 
 import json
 import socket
+import subprocess
+import sys
 import threading
 
+import httpcore2
+import httpx2
 import openai
 import pytest
 import requests
 
-from streaming.providers.http import sse_data
+from streaming.providers.http import _Backend, body_chunks, http_client, sse_data
 
-from .conftest import WORKER_CLASSES, free_port, wait_for
+from .conftest import ROOT, WORKER_CLASSES, free_port, wait_for
 from .fake_upstream import SECRET_DETAIL, FakeUpstream
 from .streams import read_sse
 
@@ -264,3 +268,57 @@ def test_sse_data_reads_events_as_the_spec_defines_them():
     # However the body is cut into chunks: mid-line, between CR and LF, inside a UTF-8 character.
     for size in (1, 2, 3, 7):
         assert list(sse_data(body[i : i + size] for i in range(0, len(body), size))) == events, size
+
+
+class _Upstream(httpcore2.MockBackend):
+    """Two chunked streaming responses on one connection, cut into the reads given; counts connections."""
+
+    connections = 0
+
+    def connect_tcp(self, *args, **kwargs):
+        self.connections += 1
+        return super().connect_tcp(*args, **kwargs)
+
+
+def _chunked_response(events: list[bytes], trailer: bytes = b"") -> bytes:
+    head = b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nTransfer-Encoding: chunked\r\n\r\n"
+    chunks = [b"%x;ext=1\r\n%s\r\n" % (len(e), e) if i == 1 else b"%x\r\n%s\r\n" % (len(e), e)
+              for i, e in enumerate(events)]
+    return head + b"".join(chunks) + b"0\r\n" + trailer + b"\r\n"
+
+
+def test_a_chunked_body_is_read_below_httpx_and_leaves_its_connection_to_the_next_request():
+    """`body_chunks` decodes the chunks itself, however the reads cut the body (inside the head's
+    last read, a chunk's size line, its data, its CRLF, the last chunk or its trailers), and the
+    connection then serves the next request."""
+    first = [b'data: {"n": 1}\n\n', b'data: {"n": 2}\n\n', b"data: [DONE]\n\n"]
+    second = [b'data: {"n": 3}\n\n', b"data: [DONE]\n\n"]
+    one, two = _chunked_response(first, b"X-Trailer: t\r\n"), _chunked_response(second)
+    for size in (1, 2, 3, 5, 8, 13, 40, 200, len(one)):
+        for head_cut in (len(one) - 1, 70, 82, 84, 90, 100, 120):
+            reads = [one[:head_cut]] + [one[i : i + size] for i in range(head_cut, len(one), size)] + [two]
+            backend = _Upstream(reads)
+            client = http_client(openai)
+            client._transport._pool._network_backend = _Backend(backend)
+            sdk = openai.OpenAI(api_key="x", base_url="http://upstream.test/v1", http_client=client, max_retries=0)
+            got = []
+            for _ in range(2):
+                response = sdk.post("/chat/completions", cast_to=httpx2.Response, body={}, stream=True)
+                chunks = body_chunks(response)
+                assert chunks.__name__ == "_chunked"  # not httpx's iter_bytes
+                got.append(list(sse_data(chunks)))
+                assert response.is_closed
+            assert got == [['{"n": 1}', '{"n": 2}', "[DONE]"], ['{"n": 3}', "[DONE]"]], (size, head_cut)
+            assert backend.connections == 1, (size, head_cut)
+
+
+@pytest.mark.parametrize("sdk", ["openai", "anthropic"])
+def test_the_sdks_platform_headers_are_made_with_the_provider(sdk):
+    """Not by the first requests: the SDK caches them once made, and each of the first requests
+    made together (a deploy's reconnects) ran `uname -p` in a subprocess to make them."""
+    provider = {"openai": "OpenAIProvider", "anthropic": "AnthropicProvider"}[sdk]
+    code = (f"import {sdk}._base_client as base\n"
+            f"from streaming.config import Settings\nfrom streaming.providers.{sdk} import {provider}\n"
+            f"{provider}(Settings(llm_provider='{sdk}'))\nprint(base.platform_headers.cache_info().currsize)")
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
+    assert out.stdout.split() == ["1"]

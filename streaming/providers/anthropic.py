@@ -30,7 +30,7 @@ import httpx2
 
 from ..config import Settings
 from .base import Chunk, Finish, ProviderError, Reasoning, ToolCallDelta, Usage
-from .http import close_response, http_client, sdk_error, sse_data
+from .http import body_chunks, close_response, http_client, sdk_error, sse_data, warm
 
 log = logging.getLogger(__name__)
 
@@ -124,6 +124,7 @@ class AnthropicProvider:
 
             http_client=http_client(anthropic),
         )
+        warm(self.client)
 
     def models(self) -> list[str]:
         try:
@@ -169,7 +170,7 @@ class AnthropicReply:
         prompt_tokens = completion_tokens = 0
         finish = None
         calls: dict[int, int] = {}  # the content blocks that are tool calls: the call's index, by block
-        events = sse_data(self._response.iter_bytes())
+        events = sse_data(body_chunks(self._response))
         try:
             for data in events:
                 event = json.loads(data)

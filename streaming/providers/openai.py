@@ -28,7 +28,7 @@ import openai
 
 from ..config import Settings
 from .base import ChoiceDelta, Chunk, Finish, Logprobs, ProviderError, Reasoning, Refusal, ToolCallDelta, Usage
-from .http import close_response, http_client, sdk_error, sse_data
+from .http import body_chunks, close_response, http_client, sdk_error, sse_data, warm
 
 log = logging.getLogger(__name__)
 
@@ -86,6 +86,7 @@ class OpenAIProvider:
             max_retries=0,
             http_client=http_client(openai),
         )
+        warm(self.client)
 
     def models(self) -> list[str]:
         try:
@@ -117,7 +118,7 @@ class OpenAIProvider:
 class OpenAIReply:
     def __init__(self, response: httpx2.Response) -> None:
         self._response = response
-        self._events = sse_data(response.iter_bytes())
+        self._events = sse_data(body_chunks(response))
         self._closed = False
 
     def __iter__(self) -> Iterator[Chunk]:
