@@ -18,7 +18,7 @@ import pytest
 import requests
 
 from .conftest import STORES, Server, needs, start_server, store_url, wait_for
-from .streams import read_sse
+from .streams import begin_together, read_sse
 
 
 @pytest.fixture(params=STORES)
@@ -319,27 +319,7 @@ def test_turns_begun_together_on_postgres_commit_together_and_each_stands_alone(
     url = postgres.url(postgres.create_database())
     server = start_server(tmp_path, "gevent", {"DEMO_TOKENS": "200", "DEMO_TOKENS_PER_S": "20"}, database_url=url)
     try:
-        busy = open_stream(server, "long")
-        busy_id = busy.headers["X-Conversation-Id"]
-
-        def ask(i: int) -> tuple[int, str | None]:
-            body = {"prompt": f"turn {i}", **({"conversation_id": busy_id} if i % 3 == 0 else {})}
-            with requests.post(server.url + "/chat", json=body, stream=True, timeout=30) as answer:
-                return answer.status_code, answer.headers.get("X-Conversation-Id")  # and leaves
-
-        with ThreadPoolExecutor(30) as pool:
-            results = list(enumerate(pool.map(ask, range(60))))
-        busy.close()
-        assert {code for i, (code, _) in results if i % 3 == 0} == {409}
-        begun = [(i, conversation) for i, (code, conversation) in results if i % 3]
-        assert len(begun) == 40 and all(code == 200 for i, (code, _) in results if i % 3)
-        wait_for(lambda: all(turn["status"] != "streaming" for _, c in begun
-                             for turn in server.get(f"/conversations/{c}").json()["messages"]),
-                 what="every turn begun to be saved")
-        for i, conversation in begun:
-            messages = server.get(f"/conversations/{conversation}").json()["messages"]
-            assert (messages[0]["role"], messages[0]["content"]) == ("user", f"turn {i}")
-            assert messages[1]["status"] in ("complete", "interrupted")
+        busy_id, _ = begin_together(server.url, lambda path: server.get(path).json())
         with psycopg.connect(url) as conn:
             kept = conn.execute("SELECT count(*) FROM conversations WHERE id <> %s", (busy_id,)).fetchone()[0]
             commits = conn.execute(  # (the cluster tracks when each transaction, or savepoint, committed)

@@ -14,7 +14,7 @@ import requests
 from streaming.store.sqlite import SCHEMA
 
 from .conftest import wait_for
-from .streams import read_sse
+from .streams import begin_together, read_sse
 
 
 def test_a_version_3_file_upgrades_with_its_streams_and_owners(serve, tmp_path):
@@ -85,30 +85,7 @@ def test_turns_begun_together_are_saved_or_refused_each_on_its_own(serve, tmp_pa
     conversation is busy) takes nothing of the others with it, and each one begun is kept."""
     db = tmp_path / "together.db"
     server = serve("gevent", db=db, DEMO_TOKENS=200, DEMO_TOKENS_PER_S=20)
-    busy = requests.post(server.url + "/chat", json={"prompt": "long"}, stream=True, timeout=30)
-    busy_id = busy.headers["X-Conversation-Id"]
-
-    def ask(i: int) -> tuple[int, str | None]:
-        body = {"prompt": f"turn {i}", **({"conversation_id": busy_id} if i % 3 == 0 else {})}
-        with requests.post(server.url + "/chat", json=body, stream=True, timeout=30) as answer:
-            return answer.status_code, answer.headers.get("X-Conversation-Id")  # and leaves
-
-    with ThreadPoolExecutor(30) as pool:
-        results = list(enumerate(pool.map(ask, range(60))))
-    busy.close()
-    assert {code for i, (code, _) in results if i % 3 == 0} == {409}
-    begun = [(i, conversation) for i, (code, conversation) in results if i % 3]
-    assert len(begun) == 40 and all(code == 200 for i, (code, _) in results if i % 3)
-
-    def saved() -> bool:
-        return all(server.get(f"/conversations/{c}").json()["messages"][1]["status"] != "streaming"
-                   for _, c in begun)
-
-    wait_for(saved, what="every turn begun to be saved")
-    for i, conversation in begun:
-        messages = server.get(f"/conversations/{conversation}").json()["messages"]
-        assert (messages[0]["role"], messages[0]["content"]) == ("user", f"turn {i}")
-        assert messages[1]["status"] in ("complete", "interrupted")
+    begin_together(server.url, lambda path: server.get(path).json())
     kept = sqlite3.connect(db).execute("SELECT count(*) FROM conversations").fetchone()[0]
     assert kept == 41  # the busy one and the forty begun; the refused turns left nothing
 
