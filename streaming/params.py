@@ -39,6 +39,9 @@ class ChatRequest:
     # OpenAI's optional fields passed on as they are (`stop`, `seed`, `n`, `logprobs`, ...), those
     # set to something; the provider must honour each (`turns.check_options`).
     options: dict = field(default_factory=dict)
+    # What the request says of itself that its API echoes when the answer is read back (the
+    # Responses API's `tools`, `metadata`, ...): kept with the answer, not sent anywhere.
+    echo: dict | None = None
 
     def provider_params(self) -> dict:
         """What is passed through to the provider, where set."""

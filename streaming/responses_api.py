@@ -289,6 +289,7 @@ def response_request(fields: dict, max_prompt_chars: int) -> ChatRequest:
         parallel_tool_calls=parallel_tool_calls,
         tool_results=tool_results,
         options=chat_options(fields),
+        echo=echoed(fields),
     )
 
 
@@ -304,9 +305,8 @@ def chat_options(fields: dict) -> dict:
 
 
 def echoed(fields: dict) -> dict:
-    """What a Response says of the request that made it."""
+    """What a Response says of the request that made it (but for when: `created_at`)."""
     return {
-        "created_at": int(time.time()),
         "instructions": fields.get("instructions"),
         "previous_response_id": fields.get("previous_response_id"),
         "max_output_tokens": fields.get("max_output_tokens"),
@@ -325,8 +325,11 @@ def echoed(fields: dict) -> dict:
 
 
 def stored_echo(message: dict, conversation: dict) -> dict:
-    """What a stored Response says of its request: what the conversation keeps, the defaults
-    for the rest."""
+    """What a stored Response says of its request: what was kept with its answer; for an answer
+    saved without it (from before it was kept, or made by another API), what the conversation
+    keeps and the defaults for the rest."""
+    if message["request"] is not None:
+        return {"created_at": int(message["created_at"]), **message["request"]}
     turns = conversation["messages"]
     at = next(i for i, m in enumerate(turns) if m["id"] == message["id"])
     previous = next((m["id"] for m in reversed(turns[:at]) if m["role"] == "assistant"), None)
@@ -344,7 +347,7 @@ def create() -> Response:
     chat = response_request(fields, service().settings.max_prompt_chars)
     stream = fields.get("stream") is True
     answer = begin_answer(chat, resumable=stream)
-    framing = ResponsesFraming(echoed(fields))
+    framing = ResponsesFraming({"created_at": int(time.time()), **chat.echo})
     if stream:
         return streamed(answer, framing)
     framing.encode(collect(answer), 0)

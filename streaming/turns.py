@@ -174,7 +174,7 @@ def begin_answer(chat: ChatRequest, resumable: bool = False) -> Answer:
             chat.conversation_id, message_id, chat.prompt, chat.system, model, chat.history,
             # An open service has no keys to count by: only the per-worker limit holds there.
             owner=g.key_id, max_streams=(settings.max_streams_per_key or None) if g.key_id else None,
-            worker=svc.worker, keep=chat.store, tool_results=chat.tool_results,
+            worker=svc.worker, keep=chat.store, tool_results=chat.tool_results, request=chat.echo,
         )
     except ConversationNotFound:
         raise ApiError(404, "not_found", "no such conversation") from None

@@ -111,7 +111,9 @@ def test_whole_response_and_get_of_the_stored_one(sdk, upstream):
         {"role": "developer", "content": "dev rules"},
         {"type": "message", "role": "user", "content": [{"type": "input_text", "text": "part one"},
                                                          {"type": "input_text", "text": "part two"}]},
-    ], metadata={"k": "v"}, temperature=0.5, top_p=0.9, user="u-1", reasoning={"effort": "low"})
+    ], metadata={"k": "v"}, temperature=0.5, top_p=0.9, user="u-1", reasoning={"effort": "low"}, max_output_tokens=64,
+        tools=[{"type": "function", "name": "get_time", "parameters": {"type": "object", "properties": {}},
+                "strict": False}], tool_choice="auto")
     assert created.status == "completed" and created.output_text == upstream.expected_text("part one\npart two")
     assert created.metadata == {"k": "v"} and created.temperature == 0.5
     sent = upstream.requests[-1]
@@ -123,7 +125,13 @@ def test_whole_response_and_get_of_the_stored_one(sdk, upstream):
         openai.types.responses.Response.model_validate(response.to_dict(), strict=True)
     assert stored.id == created.id and stored.output_text == created.output_text
     assert stored.output[0].id == created.output[0].id and stored.usage == created.usage
-    assert stored.instructions == "dev rules"
+    # What the request said of itself comes back as it was sent (kept with the answer), not defaults.
+    echoed = ["instructions", "previous_response_id", "max_output_tokens", "temperature", "top_p", "tools",
+              "tool_choice", "parallel_tool_calls", "reasoning", "metadata", "user", "store", "text", "truncation"]
+    assert {f: getattr(stored, f) for f in echoed} == {f: getattr(created, f) for f in echoed}
+    assert (stored.metadata, stored.temperature, stored.top_p, stored.user) == ({"k": "v"}, 0.5, 0.9, "u-1")
+    assert [t.name for t in stored.tools] == ["get_time"] and stored.max_output_tokens == 64
+    assert stored.instructions is None  # the developer message is input, not `instructions` (as at OpenAI)
     assert abs(stored.created_at - created.created_at) <= 1  # whole seconds, of two readings of the clock
 
 

@@ -95,6 +95,7 @@ class Store(Protocol):
         worker: str = "",
         keep: bool = True,
         tool_results: tuple[dict, ...] = (),
+        request: dict | None = None,
     ) -> tuple[str, list[dict]]:
         """Record the user's message (or the `tool_results`, `{"role": "tool", "tool_call_id",
         "content"}` messages, when the turn's input is those; UnknownToolCall when one answers a
@@ -106,6 +107,7 @@ class Store(Protocol):
         same turns): this is then its next turn; or they are that conversation but for its failed
         last turn, whose prompt was this one: this retry then replaces that turn. Without `keep`,
         a new conversation is made, and deleted when the answer ends (or its worker is lost).
+        `request` (what the request said of itself that an API echoes) is kept with the answer.
         Only the `owner`'s conversations are seen; ConversationBusy while an answer streams in the
         conversation; TooManyStreams when the owner already has `max_streams` answers streaming
         with a live lease (on every worker and host: the rows are the count)."""

@@ -81,6 +81,10 @@ SCHEMA = [
     ALTER TABLE messages ADD COLUMN tool_calls TEXT;
     ALTER TABLE messages ADD COLUMN tool_call_id TEXT;
     """,
+    # version 4: what an answer's request said of itself that an API echoes, JSON (sqlite.py's 8)
+    """
+    ALTER TABLE messages ADD COLUMN request TEXT;
+    """,
 ]
 MIGRATION_LOCK = 0x5354524D  # any constant the service's processes agree on ("STRM")
 TIMEOUT_S = 5

@@ -152,6 +152,7 @@ class SQLStore:
         worker: str = "",
         keep: bool = True,
         tool_results: tuple[dict, ...] = (),
+        request: dict | None = None,
     ) -> tuple[str, list[dict]]:
         now = time.time()
         inputs = turn_input(prompt, tool_results)
@@ -212,12 +213,12 @@ class SQLStore:
                 raise UnknownToolCall(unknown - len(earlier), inputs[unknown - len(earlier)]["tool_call_id"])
             db.executemany(
                 "INSERT INTO messages (id, conversation_id, owner, role, content, tool_calls, tool_call_id, status,"
-                " model, worker, lease_until, created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                " model, worker, lease_until, created_at, request) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 [
-                    *[(uuid.uuid4().hex, conversation_id, owner, *message_row(m), "complete", None, None, None, now)
-                      for m in inputs],
+                    *[(uuid.uuid4().hex, conversation_id, owner, *message_row(m), "complete", None, None, None, now,
+                       None) for m in inputs],
                     (message_id, conversation_id, owner, "assistant", "", None, None, "streaming", model, worker,
-                     now + self.lease_s, now),
+                     now + self.lease_s, now, request and encode_log(request)),
                 ],
             )
         self._turns[message_id] = (conversation_id, digest, keep)
@@ -399,7 +400,10 @@ class SQLStore:
     def message(self, message_id: str, owner: str = "") -> dict | None:
         with self.autocommit() as db:
             row = db.execute("SELECT * FROM messages WHERE id = ? AND owner = ?", (message_id, owner)).fetchone()
-        return None if row is None else {**dict(row), "events": decode_events(row["events"])}
+        if row is None:
+            return None
+        request = row["request"] and json.loads(row["request"])
+        return {**dict(row), "events": decode_events(row["events"]), "request": request}
 
     def conversation(self, conversation_id: str, owner: str = "") -> dict | None:
         with self.autocommit() as db:

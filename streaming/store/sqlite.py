@@ -106,6 +106,11 @@ SCHEMA = [
     ALTER TABLE messages ADD COLUMN tool_calls TEXT;
     ALTER TABLE messages ADD COLUMN tool_call_id TEXT;
     """,
+    # version 8: what an answer's request said of itself that an API echoes (the Responses API's
+    # `tools`, `metadata`, `temperature`, ...), JSON, on the assistant's row
+    """
+    ALTER TABLE messages ADD COLUMN request TEXT;
+    """,
 ]
 
 
