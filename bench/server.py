@@ -188,21 +188,18 @@ def fastapi_baseline(env: dict[str, str]) -> Server:
     return Server(argv, env, port, "fastapi")
 
 
-def flask_baseline(env: dict[str, str]) -> Server:
+def flask_baseline(env: dict[str, str], app: str = "flask_app", scratch: Path | None = None) -> Server:
+    """A Flask app of `bench/baselines` under gunicorn with one gevent worker and its defaults."""
     port = free_port()
     argv = [sys.executable, "-m", "gunicorn", "-c", "/dev/null", "-k", "gevent", "-w", "1", "-b", f"127.0.0.1:{port}"]
     argv += ["--no-control-socket", "--worker-connections", "12000", "--backlog", "4096"]
-    return Server([*argv, "bench.baselines.flask_app:app"], env, port, "flask-naive")
+    return Server([*argv, f"bench.baselines.{app}:app"], env, port, app, scratch=scratch)
 
 
 def flask_floor_baseline(env: dict[str, str]) -> Server:
     """`bench.baselines.flask_floor_app` (the design's floor) as the naive baseline runs, on a fresh SQLite file."""
-    port = free_port()
     scratch = Path(tempfile.mkdtemp(prefix="bench-floor-"))
-    argv = [sys.executable, "-m", "gunicorn", "-c", "/dev/null", "-k", "gevent", "-w", "1", "-b", f"127.0.0.1:{port}"]
-    argv += ["--no-control-socket", "--worker-connections", "12000", "--backlog", "4096"]
-    return Server([*argv, "bench.baselines.flask_floor_app:app"], {**env, "FLOOR_DB": str(scratch / "floor.db")},
-                  port, "flask-floor", scratch=scratch)
+    return flask_baseline({**env, "FLOOR_DB": str(scratch / "floor.db")}, "flask_floor_app", scratch)
 
 
 def upstream(tokens_per_s: float, tokens: int) -> Server:

@@ -56,19 +56,19 @@ def read_raw(url: str, **kwargs) -> tuple[requests.Response, list[tuple[float, b
     return response, chunks
 
 
-def begin_together(url: str, get_json: Callable[[str], dict]) -> tuple[str, list[tuple[int, str]]]:
-    """60 turns at once on the server at `url` (30 clients, each leaving at the headers), every
+def begin_together(server) -> tuple[str, list[tuple[int, str]]]:
+    """60 turns at once on `server` (a conftest `Server`; 30 clients, each leaving at the headers), every
     third into a conversation that is busy: those are 409s, and the 40 others are begun, saved and
     each kept whole (its prompt, its answer as it ended). (The busy conversation's id, the turns
     begun by their number and conversation id.)"""
     from .conftest import wait_for
 
-    busy = requests.post(url + "/chat", json={"prompt": "long"}, stream=True, timeout=30)
+    busy = requests.post(server.url + "/chat", json={"prompt": "long"}, stream=True, timeout=30)
     busy_id = busy.headers["X-Conversation-Id"]
 
     def ask(i: int) -> tuple[int, str | None]:
         body = {"prompt": f"turn {i}", **({"conversation_id": busy_id} if i % 3 == 0 else {})}
-        with requests.post(url + "/chat", json=body, stream=True, timeout=30) as answer:
+        with requests.post(server.url + "/chat", json=body, stream=True, timeout=30) as answer:
             return answer.status_code, answer.headers.get("X-Conversation-Id")  # and leaves
 
     with ThreadPoolExecutor(30) as pool:
@@ -78,10 +78,10 @@ def begin_together(url: str, get_json: Callable[[str], dict]) -> tuple[str, list
     begun = [(i, conversation) for i, (code, conversation) in results if i % 3]
     assert len(begun) == 40 and all(code == 200 for i, (code, _) in results if i % 3)
     wait_for(lambda: all(turn["status"] != "streaming" for _, c in begun
-                         for turn in get_json(f"/conversations/{c}")["messages"]),
+                         for turn in server.get(f"/conversations/{c}").json()["messages"]),
              what="every turn begun to be saved")
     for i, conversation in begun:
-        messages = get_json(f"/conversations/{conversation}")["messages"]
+        messages = server.get(f"/conversations/{conversation}").json()["messages"]
         assert (messages[0]["role"], messages[0]["content"]) == ("user", f"turn {i}")
         assert messages[1]["status"] in ("complete", "interrupted")
     return busy_id, begun

@@ -319,7 +319,7 @@ def test_turns_begun_together_on_postgres_commit_together_and_each_stands_alone(
     url = postgres.url(postgres.create_database())
     server = start_server(tmp_path, "gevent", {"DEMO_TOKENS": "200", "DEMO_TOKENS_PER_S": "20"}, database_url=url)
     try:
-        busy_id, _ = begin_together(server.url, lambda path: server.get(path).json())
+        busy_id, _ = begin_together(server)
         with psycopg.connect(url) as conn:
             kept = conn.execute("SELECT count(*) FROM conversations WHERE id <> %s", (busy_id,)).fetchone()[0]
             commits = conn.execute(  # (the cluster tracks when each transaction, or savepoint, committed)

@@ -85,7 +85,7 @@ def test_turns_begun_together_are_saved_or_refused_each_on_its_own(serve, tmp_pa
     conversation is busy) takes nothing of the others with it, and each one begun is kept."""
     db = tmp_path / "together.db"
     server = serve("gevent", db=db, DEMO_TOKENS=200, DEMO_TOKENS_PER_S=20)
-    begin_together(server.url, lambda path: server.get(path).json())
+    begin_together(server)
     kept = sqlite3.connect(db).execute("SELECT count(*) FROM conversations").fetchone()[0]
     assert kept == 41  # the busy one and the forty begun; the refused turns left nothing
 
