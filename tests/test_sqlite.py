@@ -104,3 +104,19 @@ def test_a_turn_ends_in_another_process_than_the_one_that_began_it(tmp_path):
     assert (turn["status"], turn["content"]) == ("complete", "hi there")
     history = ({"role": "user", "content": "hello"}, {"role": "assistant", "content": "hi there"})
     assert began.begin_turn(None, "m2", "next", None, "demo", history=history, worker="w")[0] == conversation_id
+
+
+def test_row_ids_are_uuid7_in_the_order_they_were_made():
+    """A row id is a UUIDv7 as 32 hex digits (as uuid4's `.hex` were): those of later
+    milliseconds sort after, so that each index of ids grows at its end."""
+    import uuid
+
+    from streaming.store import new_id
+
+    made = [new_id()]
+    for _ in range(3):
+        while (later := new_id())[:12] == made[-1][:12]:  # the next millisecond
+            pass
+        made.append(later)
+    assert made == sorted(made) and len({new_id() for _ in range(1000)}) == 1000
+    assert all(uuid.UUID(i).version == 7 and uuid.UUID(i).hex == i for i in made)

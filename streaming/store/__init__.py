@@ -14,6 +14,7 @@ to a dead worker, and any worker then saves it as interrupted with code `worker_
 from __future__ import annotations
 
 import logging
+import os
 import time
 from collections.abc import Callable
 from typing import Protocol
@@ -27,6 +28,16 @@ WORKER_LOST = "worker_lost"
 # An answer's event log as it is kept and stored: its events, a `delta` as its bare text (nearly
 # every event of a log is one), so that the log is saved without a pass that rewrites it.
 Log = list[dict | str]
+
+
+def new_id() -> str:
+    """A new row id, as 32 hex digits: a UUIDv7 (RFC 9562), its first 48 bits the time in
+    milliseconds and 74 of the rest random. Ids made one after the other sort in that order, so
+    that each index keyed by an id (a message's, its conversation's) grows at its end, in pages
+    that the turns just before wrote too, where uuid4's random ids dirtied a page of each index
+    anywhere in the file for every row."""
+    bits = int.from_bytes(os.urandom(10), "big")  # 80 random bits, 74 of them kept
+    return f"{time.time_ns() // 1_000_000:012x}7{bits >> 68:03x}{1 << 63 | bits & (1 << 62) - 1:016x}"
 
 
 class ConversationNotFound(Exception):

@@ -11,13 +11,12 @@ from __future__ import annotations
 import hashlib
 import json
 import time
-import uuid
 from collections.abc import Callable
 from contextlib import AbstractContextManager
 
 from ..config import Settings
 from ..tool_calls import message_calls, unknown_call
-from . import WORKER_LOST, ConversationBusy, ConversationNotFound, Log, TooManyStreams, UnknownToolCall
+from . import WORKER_LOST, ConversationBusy, ConversationNotFound, Log, TooManyStreams, UnknownToolCall, new_id
 
 LOST_MESSAGE = "the worker producing this answer stopped before the answer was complete"
 
@@ -169,7 +168,7 @@ class SQLStore:
             if conversation_id is None and history and keep:
                 conversation_id, retry = self._stored_as(db, now, owner, system, history, inputs)
             if conversation_id is None:
-                conversation_id, digest = uuid.uuid4().hex, history_digest(system, [*history, *inputs])
+                conversation_id, digest = new_id(), history_digest(system, [*history, *inputs])
                 db.execute(
                     "INSERT INTO conversations (id, system, owner, created_at, updated_at, history_hash, keep)"
                     " VALUES (?, ?, ?, ?, ?, ?, ?)",
@@ -179,7 +178,7 @@ class SQLStore:
                     db.executemany(
                         "INSERT INTO messages (id, conversation_id, owner, role, content, tool_calls, tool_call_id,"
                         " status, created_at) VALUES (?, ?, ?, ?, ?, ?, ?, 'complete', ?)",
-                        [(uuid.uuid4().hex, conversation_id, owner, *message_row(m), now) for m in history],
+                        [(new_id(), conversation_id, owner, *message_row(m), now) for m in history],
                     )
                 earlier = list(history)
             else:
@@ -215,7 +214,7 @@ class SQLStore:
                 "INSERT INTO messages (id, conversation_id, owner, role, content, tool_calls, tool_call_id, status,"
                 " model, worker, lease_until, created_at, request) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 [
-                    *[(uuid.uuid4().hex, conversation_id, owner, *message_row(m), "complete", None, None, None, now,
+                    *[(new_id(), conversation_id, owner, *message_row(m), "complete", None, None, None, now,
                        None) for m in inputs],
                     (message_id, conversation_id, owner, "assistant", "", None, None, "streaming", model, worker,
                      now + self.lease_s, now, request and encode_log(request)),
