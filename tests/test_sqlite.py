@@ -106,6 +106,68 @@ def test_a_turn_ends_in_another_process_than_the_one_that_began_it(tmp_path):
     assert began.begin_turn(None, "m2", "next", None, "demo", history=history, worker="w")[0] == conversation_id
 
 
+def test_a_turn_reads_the_same_however_many_conversations_and_streams_the_file_holds(tmp_path):
+    """The lookups of a turn go straight to their rows: continuing a conversation by its history
+    (a /v1 request's earlier messages), finding and stopping the answer streaming in one, and a
+    key's stream count do as much work with 1,000 other conversations, 400 of them streaming, as
+    with none (counted in steps of SQLite's machine, not in time). The history's lookup read
+    every conversation of the owner before (SQLite's planner took the index that gives them in
+    the order the query wants, not the one of their hashes), and finding the streaming answer
+    read every streaming row of the owner."""
+    from streaming.config import Settings
+    from streaming.store.sqlite import SQLiteStore
+
+    store = SQLiteStore(str(tmp_path / "many.db"), Settings())
+    done = [{"type": "start"}, "an answer", {"type": "done"}]
+    ids = (f"m{n}" for n in range(10_000))
+
+    def steps(work) -> int:
+        count = [0]
+        db = store._connection()
+        db.set_progress_handler(lambda: count.__setitem__(0, count[0] + 1), 1)  # (0: go on)
+        try:
+            work()
+        finally:
+            db.set_progress_handler(None, 1)
+        return count[0]
+
+    def conversation(prompt: str, turns: int = 1) -> tuple[dict, ...]:
+        conversation_id, history = None, ()
+        for _ in range(turns):
+            message_id = next(ids)
+            conversation_id, _ = store.begin_turn(conversation_id, message_id, prompt, None, "demo")
+            store.end_turn(message_id, "complete", done, None)
+            history += ({"role": "user", "content": prompt}, {"role": "assistant", "content": "an answer"})
+        return history
+
+    def streaming() -> tuple[str, str]:
+        message_id = next(ids)
+        return store.begin_turn(None, message_id, "hello", None, "demo")[0], message_id
+
+    def work(history: tuple[dict, ...]) -> dict[str, int]:
+        busy, answer = streaming()
+        unknown = ({"role": "user", "content": f"never asked {next(ids)}"}, {"role": "assistant", "content": "no"})
+        return {
+            "continue by history": steps(lambda: store.begin_turn(None, next(ids), "next", None, "demo",
+                                                                  history=history)),
+            "a history stored nowhere": steps(lambda: store.begin_turn(None, next(ids), "next", None, "demo",
+                                                                       history=unknown)),
+            "find the streaming answer": steps(lambda: store.streaming_turn(busy)),
+            "stop it": steps(lambda: store.request_stop(answer)),
+            "a key's count": steps(lambda: store.begin_turn(None, next(ids), "x", None, "demo", owner="key",
+                                                            max_streams=5)),
+        }
+
+    older = conversation("the older one", 2)
+    first = work(conversation("the first one", 2))
+    for _ in range(400):
+        streaming()
+    for i in range(600):
+        conversation(f"another {i}")
+    then = work(older)
+    assert all(then[what] <= first[what] + 20 for what in first), (first, then)
+
+
 def test_row_ids_are_uuid7_in_the_order_they_were_made():
     """A row id is a UUIDv7 as 32 hex digits (as uuid4's `.hex` were): those of later
     milliseconds sort after, so that each index of ids grows at its end."""

@@ -85,6 +85,15 @@ SCHEMA = [
     """
     ALTER TABLE messages ADD COLUMN request TEXT;
     """,
+    # version 5: sqlite.py's 9 (the streaming rows' three indexes become one, and one of the rows
+    # whose stop was asked for)
+    """
+    DROP INDEX messages_streaming_by_owner;
+    DROP INDEX messages_leases;
+    DROP INDEX messages_streaming_by_worker;
+    CREATE INDEX messages_live ON messages (owner, conversation_id, lease_until) WHERE status = 'streaming';
+    CREATE INDEX messages_stops ON messages (worker) WHERE status = 'streaming' AND stop_requested_at IS NOT NULL;
+    """,
 ]
 MIGRATION_LOCK = 0x5354524D  # any constant the service's processes agree on ("STRM")
 TIMEOUT_S = 5

@@ -8,6 +8,7 @@ stores cannot drift apart. Every row is read by column name.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import time
@@ -103,7 +104,17 @@ def history_digest(system: str | None, messages: list[dict] | tuple[dict, ...]) 
     (what a client sends as the earlier messages of its next turn), and the digest through the
     last prompt while that turn streams or after it failed (what a retry of it sends, prompt
     included). Each turn moves it on by one or two steps of `chain`, from the previous value."""
-    digest = chain(None, "system", system or "")
+    return moved_on(system_digest(system or ""), messages)
+
+
+@functools.lru_cache(maxsize=64)
+def system_digest(system: str) -> str:
+    """The digest of a history before its first message: the same for nearly every conversation."""
+    return chain(None, "system", system)
+
+
+def moved_on(digest: str, messages: list[dict] | tuple[dict, ...]) -> str:
+    """The digest of a history `messages` further on."""
     for message in messages:
         digest = step(digest, message)
     return digest
@@ -164,11 +175,14 @@ class SQLStore:
                 ).fetchone()["n"]
                 if streaming >= max_streams:
                     raise TooManyStreams(owner)
-            retry = False
-            if conversation_id is None and history and keep:
-                conversation_id, retry = self._stored_as(db, now, owner, system, history, inputs)
+            retry, digest = False, None  # (the digest of the history through this turn's input)
             if conversation_id is None:
-                conversation_id, digest = new_id(), history_digest(system, [*history, *inputs])
+                following = history_digest(system, history)
+                digest = moved_on(following, inputs)
+                if history and keep:
+                    conversation_id, retry = self._stored_as(db, now, owner, following, digest)
+            if conversation_id is None:
+                conversation_id = new_id()
                 db.execute(
                     "INSERT INTO conversations (id, system, owner, created_at, updated_at, history_hash, keep)"
                     " VALUES (?, ?, ?, ?, ?, ?, ?)",
@@ -201,7 +215,8 @@ class SQLStore:
                     db.executemany("DELETE FROM messages WHERE id = ?", [(r["id"],) for r in gone])
                     rows = rows[:-len(gone)]
                 earlier = [stored_message(r) for r in rows]
-                digest = history_digest(row["system"], [*earlier, *inputs])
+                if digest is None:  # (a conversation found by its history has the history's own)
+                    digest = history_digest(row["system"], [*earlier, *inputs])
                 db.execute(
                     "UPDATE conversations SET updated_at = ?, history_hash = ? WHERE id = ?",
                     (now, digest, conversation_id),
@@ -226,20 +241,18 @@ class SQLStore:
             messages.insert(0, {"role": "system", "content": system})
         return conversation_id, messages
 
-    def _stored_as(
-        self, db, now: float, owner: str, system: str | None, history: tuple[dict, ...], inputs: list[dict]
-    ) -> tuple[str | None, bool]:
-        """The owner's conversation that the request's earlier messages are, and whether the
+    def _stored_as(self, db, now: float, owner: str, following: str, retried: str) -> tuple[str | None, bool]:
+        """The owner's conversation that the request's earlier messages are (`following`, their
+        `history_digest`; `retried`, the same through this turn's input), and whether the
         request retries its last turn: (id, False) when they are exactly its messages and its last
         turn is complete; (id, True) when they are its messages but for its last turn, which
         failed (or was cut short), and that turn's input (prompt or tool results) was this one;
         (None, False) otherwise.
         ConversationBusy while the turn it would retry is streaming."""
-        following = history_digest(system, history)
-        retried = history_digest(system, [*history, *inputs])
-        row = db.execute(
+        row = db.execute(  # (`+updated_at`: SQLite looks it up by its hash, not through every conversation of
+            # the owner in the order of conversations_by_owner, which its planner would pick for the ORDER BY)
             "SELECT id, history_hash FROM conversations WHERE owner = ? AND history_hash IN (?, ?)"
-            " ORDER BY updated_at DESC LIMIT 1" + self.FOR_UPDATE,
+            " ORDER BY +updated_at DESC LIMIT 1" + self.FOR_UPDATE,
             (owner, following, retried),
         ).fetchone()
         if row is None:
@@ -304,7 +317,7 @@ class SQLStore:
                         encode_log(calls) if calls else None,
                         status,
                         error_code,
-                        json.dumps(done["usage"]) if "usage" in done else None,
+                        encode_log(done["usage"]) if "usage" in done else None,
                         done.get("finish_reason"),
                         done.get("ttft_ms"),
                         done.get("duration_ms"),

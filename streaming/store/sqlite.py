@@ -111,6 +111,19 @@ SCHEMA = [
     """
     ALTER TABLE messages ADD COLUMN request TEXT;
     """,
+    # version 9: fewer index entries a turn. The four indexes of the streaming rows become one,
+    # (owner, conversation_id, lease_until), for the per-key count, a conversation's streaming
+    # answer and the reap, and one of the rows whose stop was asked for, which is nearly always
+    # empty; conversations_by_update goes (every listing is the owner's: conversations_by_owner)
+    """
+    DROP INDEX messages_streaming;
+    DROP INDEX messages_streaming_by_owner;
+    DROP INDEX messages_leases;
+    DROP INDEX messages_streaming_by_worker;
+    DROP INDEX conversations_by_update;
+    CREATE INDEX messages_live ON messages (owner, conversation_id, lease_until) WHERE status = 'streaming';
+    CREATE INDEX messages_stops ON messages (worker) WHERE status = 'streaming' AND stop_requested_at IS NOT NULL;
+    """,
 ]
 
 
