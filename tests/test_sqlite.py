@@ -4,9 +4,13 @@ its write-ahead log as the service runs."""
 from __future__ import annotations
 
 import hashlib
+import json
 import sqlite3
+import subprocess
+import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import pytest
 import requests
@@ -106,6 +110,7 @@ def test_a_turn_ends_in_another_process_than_the_one_that_began_it(tmp_path):
     assert began.begin_turn(None, "m2", "next", None, "demo", history=history, worker="w")[0] == conversation_id
 
 
+
 def test_a_turn_reads_the_same_however_many_conversations_and_streams_the_file_holds(tmp_path):
     """The lookups of a turn go straight to their rows: continuing a conversation by its history
     (a /v1 request's earlier messages), finding and stopping the answer streaming in one, and a
@@ -166,6 +171,50 @@ def test_a_turn_reads_the_same_however_many_conversations_and_streams_the_file_h
         conversation(f"another {i}")
     then = work(older)
     assert all(then[what] <= first[what] + 20 for what in first), (first, then)
+
+
+# Turns begun together under gevent in one process, as a worker begins them; the third one's
+# message id is taken already, so it fails after it wrote its conversation's row.
+TOGETHER = """
+from gevent import monkey; monkey.patch_all()
+import json, sys, gevent
+from streaming.config import Settings
+from streaming.store import StoreUnavailable
+from streaming.store.sqlite import SQLiteStore
+
+store = SQLiteStore(sys.argv[1], Settings())
+store.begin_turn(None, "taken", "before", None, "demo")
+
+def begin(i):
+    try:
+        return store.begin_turn(None, "taken" if i == 2 else f"m{i}", f"turn {i}", None, "demo")[0]
+    except StoreUnavailable:
+        return None
+
+print(json.dumps([g.value for g in gevent.joinall([gevent.spawn(begin, i) for i in range(8)])]))
+"""
+
+
+def test_a_turn_that_fails_after_it_wrote_takes_its_group_whole(tmp_path):
+    """Turns that join a group commit run without a savepoint each: one that fails after it wrote
+    (here its message id is another's: its conversation's row is in) cannot be undone alone, so
+    its group fails whole. Each turn then is either begun and saved whole (its conversation, its
+    prompt, its streaming answer) or refused with nothing left of it, and the turns that came
+    after the failure are begun in a group of their own."""
+    path = tmp_path / "faulty.db"
+    run = subprocess.run([sys.executable, "-c", TOGETHER, str(path)], capture_output=True, text=True, timeout=60,
+                         cwd=Path(__file__).resolve().parent.parent)
+    assert run.returncode == 0, run.stderr
+    begun = json.loads(run.stdout)
+    assert begun[2] is None and all(begun[3:])
+    db = sqlite3.connect(path)
+    conversations = {row[0] for row in db.execute("SELECT id FROM conversations")}
+    assert conversations == {c for c in begun if c} | {db.execute("SELECT conversation_id FROM messages"
+                                                                  " WHERE id = 'taken'").fetchone()[0]}
+    for conversation in conversations:
+        rows = db.execute("SELECT role, status FROM messages WHERE conversation_id = ? ORDER BY rowid",
+                          (conversation,)).fetchall()
+        assert rows == [("user", "complete"), ("assistant", "streaming")]
 
 
 def test_row_ids_are_uuid7_in_the_order_they_were_made():

@@ -40,19 +40,25 @@ def new_id() -> str:
     return f"{time.time_ns() // 1_000_000:012x}7{bits >> 68:03x}{1 << 63 | bits & (1 << 62) - 1:016x}"
 
 
-class ConversationNotFound(Exception):
+class Refused(Exception):
+    """The store's refusal of a turn (or of a deletion). Raised before the transaction wrote
+    anything but the saving of dead workers' turns (`reap`), which stands on its own: so a
+    transaction that is refused needs nothing undone (see SQLiteStore.transaction)."""
+
+
+class ConversationNotFound(Refused):
     pass
 
 
-class ConversationBusy(Exception):
+class ConversationBusy(Refused):
     pass
 
 
-class TooManyStreams(Exception):
+class TooManyStreams(Refused):
     pass
 
 
-class UnknownToolCall(Exception):
+class UnknownToolCall(Refused):
     """A tool result answers a call that the conversation's last answer did not make: the
     position of that result in the turn's input, and its call id."""
 

@@ -166,6 +166,7 @@ class SQLStore:
     ) -> tuple[str, list[dict]]:
         now = time.time()
         inputs = turn_input(prompt, tool_results)
+        columns, echo = [message_row(m) for m in inputs], request and encode_log(request)  # (before any write)
         with self.transaction() as db:
             if max_streams is not None:
                 streaming = db.execute(  # counts no further than the limit, and no dead worker's turn
@@ -182,19 +183,20 @@ class SQLStore:
                 if history and keep:
                     conversation_id, retry = self._stored_as(db, now, owner, following, digest)
             if conversation_id is None:
-                conversation_id = new_id()
+                conversation_id, earlier = new_id(), list(history)
+                self._check_calls(earlier, inputs)
+                stored = [(new_id(), conversation_id, owner, *message_row(m), now) for m in history]
                 db.execute(
                     "INSERT INTO conversations (id, system, owner, created_at, updated_at, history_hash, keep)"
                     " VALUES (?, ?, ?, ?, ?, ?, ?)",
                     (conversation_id, system, owner, now, now, digest, int(keep)),
                 )
-                if history:
+                if stored:
                     db.executemany(
                         "INSERT INTO messages (id, conversation_id, owner, role, content, tool_calls, tool_call_id,"
                         " status, created_at) VALUES (?, ?, ?, ?, ?, ?, ?, 'complete', ?)",
-                        [(new_id(), conversation_id, owner, *message_row(m), now) for m in history],
+                        stored,
                     )
-                earlier = list(history)
             else:
                 row = db.execute(
                     "SELECT system FROM conversations WHERE id = ? AND owner = ?" + self.FOR_UPDATE,
@@ -210,11 +212,11 @@ class SQLStore:
                 ).fetchall()
                 if any(r["status"] == "streaming" for r in rows):
                     raise ConversationBusy(conversation_id)
-                if retry:  # the failed last turn (its input, its answer) goes: its retry takes its place
-                    gone = rows[-len(inputs) - 1:]
+                gone = rows[-len(inputs) - 1:] if retry else []  # a retry's failed last turn: its input, its answer
+                earlier = [stored_message(r) for r in rows[:len(rows) - len(gone)]]
+                self._check_calls(earlier, inputs)
+                if gone:  # ... goes: its retry takes its place
                     db.executemany("DELETE FROM messages WHERE id = ?", [(r["id"],) for r in gone])
-                    rows = rows[:-len(gone)]
-                earlier = [stored_message(r) for r in rows]
                 if digest is None:  # (a conversation found by its history has the history's own)
                     digest = history_digest(row["system"], [*earlier, *inputs])
                 db.execute(
@@ -222,17 +224,13 @@ class SQLStore:
                     (now, digest, conversation_id),
                 )
                 system = system if system is not None else row["system"]
-            unknown = unknown_call([*earlier, *inputs], len(earlier))
-            if unknown is not None:
-                raise UnknownToolCall(unknown - len(earlier), inputs[unknown - len(earlier)]["tool_call_id"])
             db.executemany(
                 "INSERT INTO messages (id, conversation_id, owner, role, content, tool_calls, tool_call_id, status,"
                 " model, worker, lease_until, created_at, request) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 [
-                    *[(new_id(), conversation_id, owner, *message_row(m), "complete", None, None, None, now,
-                       None) for m in inputs],
+                    *[(new_id(), conversation_id, owner, *c, "complete", None, None, None, now, None) for c in columns],
                     (message_id, conversation_id, owner, "assistant", "", None, None, "streaming", model, worker,
-                     now + self.lease_s, now, request and encode_log(request)),
+                     now + self.lease_s, now, echo),
                 ],
             )
         self._turns[message_id] = (conversation_id, digest, keep)
@@ -240,6 +238,14 @@ class SQLStore:
         if system:
             messages.insert(0, {"role": "system", "content": system})
         return conversation_id, messages
+
+    @staticmethod
+    def _check_calls(earlier: list[dict], inputs: list[dict]) -> None:
+        """UnknownToolCall when a tool result of `inputs` answers a call that the last answer did
+        not make (before the turn writes anything: see `Refused`)."""
+        unknown = unknown_call([*earlier, *inputs], len(earlier))
+        if unknown is not None:
+            raise UnknownToolCall(unknown - len(earlier), inputs[unknown - len(earlier)]["tool_call_id"])
 
     def _stored_as(self, db, now: float, owner: str, following: str, retried: str) -> tuple[str | None, bool]:
         """The owner's conversation that the request's earlier messages are (`following`, their

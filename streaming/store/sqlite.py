@@ -34,7 +34,7 @@ from contextlib import contextmanager
 
 from ..config import Settings
 from ..threads import in_real_thread, start_thread
-from . import FailureLog, StoreUnavailable
+from . import FailureLog, Refused, StoreUnavailable
 from .sql import SQLStore
 
 SCHEMA = [
@@ -171,10 +171,13 @@ class SQLiteStore(SQLStore):
 
         Transactions that come together are committed together (group commit): the first one
         begins, gives the others that are ready a turn (`sleep(0)`: one round of the gevent hub)
-        and commits them all with its own. Each that joins runs in a savepoint of its own, so one
-        that fails undoes only itself, and each returns once the commit it is in has happened. A
+        and commits them all with its own; each returns once the commit it is in has happened. A
         commit's cost is mostly the pages it writes to the log, and the turns that begin together
-        share theirs (see docs/performance.md)."""
+        share theirs (see docs/performance.md). One that joins and fails takes nothing of the
+        others with it when it wrote nothing, or was refused (`Refused`: it wrote nothing that
+        needs undoing); one that fails otherwise after it wrote (a fault, a full disk) cannot be
+        undone alone, without the savepoint each would need (a tenth of a turn's cost in the
+        store): the whole group fails, StoreUnavailable for each."""
         leader = False
         try:
             with self._lock:
@@ -187,21 +190,17 @@ class SQLiteStore(SQLStore):
                         raise self.failures.failed("BEGIN", exc) from None
                     group = self._group = _Group()
                     leader = True
-                else:  # (the leader needs none: while it runs, its work is all the transaction holds)
-                    db.execute("SAVEPOINT one")
+                changes = db.total_changes
                 try:
                     yield db
-                    if not leader:
-                        db.execute("RELEASE one")
                 except BaseException as exc:
                     failure = self.failures.failed("a transaction", exc) if isinstance(exc, sqlite3.Error) else None
                     if leader and db.in_transaction:  # none has joined yet: undo it all, the group is over
                         db.execute("ROLLBACK")
                         self._group = None
-                    elif db.in_transaction:
-                        db.execute("ROLLBACK TO one")
-                        db.execute("RELEASE one")
-                    else:  # SQLite rolled the whole transaction back (a full disk, say): all of it failed
+                    elif not db.in_transaction or not (isinstance(exc, Refused) or db.total_changes == changes):
+                        if db.in_transaction:  # (SQLite rolled it all back itself after a full disk, say)
+                            db.execute("ROLLBACK")
                         group.error = failure or StoreUnavailable("the transaction was rolled back")
                         self._group = None
                     if failure is not None:
