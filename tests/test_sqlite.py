@@ -231,3 +231,23 @@ def test_row_ids_are_uuid7_in_the_order_they_were_made():
         made.append(later)
     assert made == sorted(made) and len({new_id() for _ in range(1000)}) == 1000
     assert all(uuid.UUID(i).version == 7 and uuid.UUID(i).hex == i for i in made)
+
+
+@pytest.mark.parametrize("message", [
+    ("system", ""),
+    ("user", 'he said "hi"\n\t\\ é 日本 \U0001F600 \ud800 \x00 \x1f \u2028 </script>'),
+    ("assistant", "", [{"id": "c1", "type": "function", "function": {"name": "f", "arguments": "{\"a\": 1}"}}]),
+    ("assistant", None, [{"id": "c1"}]),
+    ("assistant", None),
+    ("tool", "42", None, "c1"),
+])
+@pytest.mark.parametrize("digest", [None, "0" * 64])
+def test_a_history_digest_is_what_it_was(digest, message):
+    """`chain` writes the JSON of a message's fields itself: the digests stored in every file stay
+    the ones that `json.dumps(..., ensure_ascii=False, sort_keys=True)` of them gave."""
+    from streaming.store.sql import chain
+
+    role, content, *more = message
+    fields = [digest, role, content] + ([more[0] or None, more[1] if len(more) > 1 else None] if any(more) else [])
+    text = json.dumps(fields, ensure_ascii=False, sort_keys=True)
+    assert chain(digest, role, content, *more) == hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()

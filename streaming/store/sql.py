@@ -28,6 +28,7 @@ encode_log = json.JSONEncoder(ensure_ascii=False, separators=(",", ":")).encode 
 # `json.dumps(..., ensure_ascii=False, sort_keys=True)` exactly (the stored digests depend on it),
 # without the encoder that it makes anew on every call.
 _encode_step = json.JSONEncoder(ensure_ascii=False, sort_keys=True).encode
+quoted = json.encoder.encode_basestring  # how that encoder writes a string (its C function)
 
 
 def load_log(stored: str | None) -> Log:
@@ -49,9 +50,13 @@ def chain(digest: str | None, role: str, content: str, tool_calls: list | None =
           tool_call_id: str | None = None) -> str:
     """The digest of a conversation's history one message on (see `history_digest`); a message's
     tool calls, or the call a tool's result answers, count too."""
-    fields = [digest, role, content] + ([tool_calls or None, tool_call_id] if tool_calls or tool_call_id else [])
-    step = _encode_step(fields).encode("utf-8", "surrogatepass")
-    return hashlib.sha256(step).hexdigest()
+    if tool_calls or tool_call_id:
+        text = _encode_step([digest, role, content, tool_calls or None, tool_call_id])
+    elif type(content) is not str:
+        text = _encode_step([digest, role, content])
+    else:  # the encoder's text for three strings (or null and two), written without its walk of the list
+        text = f"[{'null' if digest is None else quoted(digest)}, {quoted(role)}, {quoted(content)}]"
+    return hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()
 
 
 def step(digest: str | None, message: dict) -> str:

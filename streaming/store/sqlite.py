@@ -199,7 +199,9 @@ class SQLiteStore(SQLStore):
                         db.execute("ROLLBACK")
                         self._group = None
                     elif not db.in_transaction or not (isinstance(exc, Refused) or db.total_changes == changes):
-                        if db.in_transaction:  # (SQLite rolled it all back itself after a full disk, say)
+                        # SQLite rolled the whole transaction back (a full disk, say), or this one wrote
+                        # what cannot be undone alone: all of the group fails
+                        if db.in_transaction:
                             db.execute("ROLLBACK")
                         group.error = failure or StoreUnavailable("the transaction was rolled back")
                         self._group = None
