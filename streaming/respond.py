@@ -21,7 +21,6 @@ import dataclasses
 import logging
 import queue
 import threading
-import uuid
 from collections.abc import Iterable, Iterator
 
 from flask import Response, copy_current_request_context, current_app, has_request_context
@@ -29,6 +28,7 @@ from flask import Response, copy_current_request_context, current_app, has_reque
 from .config import Settings
 from .engine import Answer
 from .providers.base import Chunk, Finish, ProviderError, Reasoning, Status, ToolCallDelta, Usage
+from .store import new_id
 from .threads import start_thread, under_gevent
 from .turns import streamed
 from .wire import Framing, NDJSONFraming, SSEFraming, TextFraming
@@ -167,7 +167,7 @@ def stream_response(
     settings = app_settings()
     if any(value is not None for value in limits.values()):
         settings = dataclasses.replace(settings, **{k: v for k, v in limits.items() if v is not None})
-    message_id = uuid.uuid4().hex
+    message_id = new_id()
     answer = Answer(SourceReply(source).start(), message_id=message_id, conversation_id=None, model=None,
                     settings=settings)
     wire: Framing = {"sse": lambda: SSEFraming(message_id, settings.sse_retry_ms), "ndjson": NDJSONFraming,

@@ -38,6 +38,7 @@ from .store import (
     StoreUnavailable,
     TooManyStreams,
     UnknownToolCall,
+    new_id,
 )
 from .wire import Framing
 
@@ -167,7 +168,7 @@ def begin_answer(chat: ChatRequest, resumable: bool = False) -> Answer:
         raise too_many(f"this worker is at its limit of {settings.max_streams_per_worker} streams")
     model = model_for(chat)
     check_options(chat)
-    message_id = uuid.uuid4().hex
+    message_id = new_id()
     context = {"request_id": g.request_id, "key_id": g.key_id, "endpoint": request.path}
     try:
         conversation_id, messages = svc.store.begin_turn(

@@ -110,7 +110,6 @@ def test_a_turn_ends_in_another_process_than_the_one_that_began_it(tmp_path):
     assert began.begin_turn(None, "m2", "next", None, "demo", history=history, worker="w")[0] == conversation_id
 
 
-
 def test_a_turn_reads_the_same_however_many_conversations_and_streams_the_file_holds(tmp_path):
     """The lookups of a turn go straight to their rows: continuing a conversation by its history
     (a /v1 request's earlier messages), finding and stopping the answer streaming in one, and a
