@@ -22,6 +22,8 @@ from . import server as srv
 from .load import Stream, run_load, running_at_once
 
 SSE = "/chat/sse?prompt=bench"
+# One token: the demo's answer quotes the prompt (seven tokens for "bench"); the baselines answer one token.
+ONE_TOKEN = SSE + "&max_tokens=1"
 V1 = "/v1/chat/completions"
 # What an SDK sends for a streamed answer with a few of its knobs.
 V1_BODY = {"model": "demo", "stream": True, "stream_options": {"include_usage": True}, "max_tokens": 100,
@@ -117,7 +119,7 @@ def _cpu_rounds(env: dict[str, str], before: srv.Checkout | None, warm_up: int, 
                 body: dict | None = None) -> tuple[dict[str, Run], dict[str, list[float]]]:
     """Every contender's last run of `path` and its `cost` in each round, after `warm_up` streams;
     rounds interleave the servers, so that noise hits them alike. The baselines serve SSE only."""
-    starters = _contenders(env, before, baselines=path == SSE)
+    starters = _contenders(env, before, baselines=path in (SSE, ONE_TOKEN))
     costs: dict[str, list[float]] = {name: [] for name in starters}
     runs: dict[str, Run] = {}
     for _ in range(rounds):
@@ -155,7 +157,7 @@ def request_cost(quick: bool, before: srv.Checkout | None = None) -> list[dict]:
     reconnecting browsers pays this for every one of them)."""
     requests, rounds = (400, 1) if quick else (2000, 3)
     runs, costs = _cpu_rounds(srv.pace_env(1, 0), before, 100, requests, 50, rounds,
-                              lambda run: run.cpu_s / max(run.completed, 1) * 1000)
+                              lambda run: run.cpu_s / max(run.completed, 1) * 1000, ONE_TOKEN)
     return _cost_rows(runs, costs, pct(costs["naive flask (gevent)"], 0.5))
 
 
