@@ -46,7 +46,7 @@ def batch():
         except ApiError as exc:
             raise invalid(f"prompts[{index}]: {exc.message}") from None
     chats = [parse_chat_request({**fields, "prompt": p}, settings.max_prompt_chars) for p in prompts]
-    model_for(chats[0])  # one model for every item: an unknown one is a 400, not an error per item
+    model_for(chats[0], service().provider)  # one model for every item: an unknown one is a 400, not an error per item
     sock = request.environ.get("gunicorn.socket")
     body = stream_with_context(
         batch_lines(chats, concurrency or min(4, settings.max_batch_concurrency), settings.heartbeat_s, sock)

@@ -5,7 +5,7 @@ from __future__ import annotations
 from flask import Blueprint, g, jsonify, request
 
 from .errors import ApiError
-from .params import number_field
+from .params import number_field, request_fields
 from .store import ConversationBusy
 from .turns import busy, service, stop_answer
 
@@ -14,8 +14,9 @@ bp = Blueprint("conversations", __name__, url_prefix="/conversations")
 
 @bp.get("")
 def list_conversations():
-    limit = number_field(request.args, "limit", int, 1, 200) or 20
-    before = number_field(request.args, "before", float, 0, float("inf"))
+    fields = request_fields(request)
+    limit = number_field(fields, "limit", int, 1, 200) or 20
+    before = number_field(fields, "before", float, 0, float("inf"))
     items = service().store.conversations(limit + 1, before, g.key_id)  # one more: are there older ones?
     items, more = items[:limit], len(items) > limit
     return jsonify(conversations=items, next_before=items[-1]["updated_at"] if more else None)

@@ -79,6 +79,8 @@ def unrouted() -> Response | None:
     """An unknown path or method under /v1 fails before any view, where no blueprint handler is
     asked: answer it here, in OpenAI's shape too."""
     exc = request.routing_exception
+    if exc is None:  # (every request that has a view)
+        return None
     under = service().url_prefix + bp.url_prefix + "/"
     if isinstance(exc, HTTPException) and (exc.code or 0) >= 400 and request.path.startswith(under):
         return http_error(exc)

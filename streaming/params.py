@@ -11,7 +11,6 @@ from dataclasses import dataclass, field
 
 from flask import Request
 from gunicorn.http.errors import ParseException
-from werkzeug.datastructures import MultiDict
 from werkzeug.exceptions import RequestEntityTooLarge
 
 from .errors import ApiError
@@ -57,11 +56,16 @@ def invalid(message: str) -> ApiError:
     return ApiError(400, "invalid_request", message)
 
 
-def request_fields(request: Request) -> dict | MultiDict:
-    """The request's fields: query parameters for GET (a `MultiDict`, whose values are text),
-    the JSON object for POST."""
+class QueryFields(dict):
+    """A query string's fields, the first value of each name: text, where a JSON body's have types.
+    (A plain dict: Werkzeug's `MultiDict.get` raises and catches a KeyError for every name that
+    is not there, and a request asks for eight of them.)"""
+
+
+def request_fields(request: Request) -> dict:
+    """The request's fields: query parameters for GET (`QueryFields`), the JSON object for POST."""
     if request.method == "GET":
-        return request.args
+        return QueryFields(request.args.items())
     try:
         too_large(request)
         body = request.get_json(silent=True)
@@ -85,7 +89,7 @@ def too_large(request: Request) -> None:
         raise RequestEntityTooLarge()
 
 
-def text_field(fields: dict | MultiDict, name: str, max_chars: int | None = None) -> str | None:
+def text_field(fields: dict, name: str, max_chars: int | None = None) -> str | None:
     value = fields.get(name)
     if value is None:
         return None
@@ -104,13 +108,13 @@ def text_field(fields: dict | MultiDict, name: str, max_chars: int | None = None
 NUMBER_TEXT = {int: re.compile(r"[+-]?[0-9]+"), float: re.compile(r"[+-]?([0-9]+\.?[0-9]*|\.[0-9]+)([eE][+-]?[0-9]+)?")}
 
 
-def number_field(fields: dict | MultiDict, name: str, kind: type, low: float, high: float) -> int | float | None:
+def number_field(fields: dict, name: str, kind: type, low: float, high: float) -> int | float | None:
     """A number in `[low, high]`: a JSON number in a body, decimal digits in a query string."""
     value = fields.get(name)
     if value is None:
         return None
     what = "a number" if kind is float else "an integer"
-    if isinstance(value, str) and isinstance(fields, MultiDict):  # from a query string
+    if isinstance(value, str) and isinstance(fields, QueryFields):  # from a query string
         if not NUMBER_TEXT[kind].fullmatch(value) or len(value) > 40:  # int() refuses 4,300 digits
             raise invalid(f"'{name}' must be {what}")
         value = kind(value)
@@ -121,7 +125,7 @@ def number_field(fields: dict | MultiDict, name: str, kind: type, low: float, hi
     return kind(value)
 
 
-def required_prompt(fields: dict | MultiDict, max_prompt_chars: int) -> str:
+def required_prompt(fields: dict, max_prompt_chars: int) -> str:
     prompt = text_field(fields, "prompt", max_prompt_chars)
     if not prompt:
         raise invalid("'prompt' is required and must not be empty")
@@ -132,7 +136,7 @@ TOOL_NAME = re.compile(r"[a-zA-Z0-9_-]{1,64}")
 TOOL_CHOICES = ("none", "auto", "required")
 
 
-def tools_field(fields: dict | MultiDict) -> tuple[dict, ...]:
+def tools_field(fields: dict) -> tuple[dict, ...]:
     """`tools`: OpenAI's function tools, `{"type": "function", "function": {"name", "parameters",
     "description", "strict"}}`, each 400 naming `tools[i]`."""
     tools = fields.get("tools")
@@ -162,7 +166,7 @@ def tools_field(fields: dict | MultiDict) -> tuple[dict, ...]:
     return tuple(tools)
 
 
-def tool_choice_field(fields: dict | MultiDict, tools: tuple[dict, ...]) -> str | dict | None:
+def tool_choice_field(fields: dict, tools: tuple[dict, ...]) -> str | dict | None:
     """`tool_choice`: "none", "auto", "required" or `{"type": "function", "function": {"name"}}`
     naming one of `tools`."""
     choice = fields.get("tool_choice")
@@ -182,7 +186,7 @@ def tool_choice_field(fields: dict | MultiDict, tools: tuple[dict, ...]) -> str 
     return choice
 
 
-def parallel_tool_calls_field(fields: dict | MultiDict) -> bool | None:
+def parallel_tool_calls_field(fields: dict) -> bool | None:
     value = fields.get("parallel_tool_calls")
     if value is not None and not isinstance(value, bool):
         raise invalid("'parallel_tool_calls' must be true or false")
@@ -200,7 +204,7 @@ def tool_result_message(result: object, max_chars: int | None = None) -> dict:
     return {"role": "tool", "tool_call_id": call_id, "content": text_field(result, "content", max_chars) or ""}
 
 
-def tool_results_field(fields: dict | MultiDict, max_chars: int) -> tuple[dict, ...]:
+def tool_results_field(fields: dict, max_chars: int) -> tuple[dict, ...]:
     """`tool_results`: the turn's input when it answers the previous turn's tool calls."""
     results = fields.get("tool_results")
     if results is None:
@@ -217,12 +221,13 @@ def tool_results_field(fields: dict | MultiDict, max_chars: int) -> tuple[dict, 
 
 
 V1_ONLY = {"history", "store", "options"}  # the OpenAI-compatible API's own
+CHAT_FIELDS = frozenset(ChatRequest.__dataclass_fields__) - V1_ONLY  # what a chat request may name
 
 
-def parse_chat_request(fields: dict | MultiDict, max_prompt_chars: int) -> ChatRequest:
+def parse_chat_request(fields: dict, max_prompt_chars: int) -> ChatRequest:
     """The checked request, from `request_fields()`. Its input is a `prompt`, or `tool_results`
     in a conversation (`conversation_id`) whose last answer called tools."""
-    unknown = sorted(set(fields) - (set(ChatRequest.__dataclass_fields__) - V1_ONLY))
+    unknown = sorted(fields.keys() - CHAT_FIELDS)
     if unknown:
         raise invalid(f"unknown field(s): {', '.join(unknown)}")
     tool_results = tool_results_field(fields, max_prompt_chars)

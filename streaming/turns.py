@@ -136,9 +136,8 @@ def busy() -> ApiError:
     return ApiError(409, "conversation_busy", "an answer is still streaming in this conversation")
 
 
-def model_for(chat: ChatRequest) -> str:
-    """The model that answers `chat`: the one it names, when the provider has it, or the default."""
-    provider = service().provider
+def model_for(chat: ChatRequest, provider: Provider) -> str:
+    """The model that answers `chat`: the one it names, when `provider` has it, or its default."""
     model = chat.model or provider.default_model
     if not provider.accepts(model):
         raise ApiError(400, "model_not_found", f"no model named {model!r} here (GET /v1/models lists them)")
@@ -148,10 +147,9 @@ def model_for(chat: ChatRequest) -> str:
 SERVICE_PARAMS = frozenset({"max_tokens", "temperature"})  # which every provider takes
 
 
-def check_options(chat: ChatRequest) -> None:
-    """A 400 naming a field of `chat` that the provider does not honour: each provider declares the
+def check_options(chat: ChatRequest, provider: Provider) -> None:
+    """A 400 naming a field of `chat` that `provider` does not honour: each provider declares the
     optional fields it does (`options`), and none is dropped silently."""
-    provider = service().provider
     refused = sorted(set(chat.provider_params()) - SERVICE_PARAMS - getattr(provider, "options", frozenset()))
     if refused:
         exc = ApiError(400, "invalid_request", f"'{refused[0]}' is not supported by this server's model"
@@ -163,11 +161,12 @@ def check_options(chat: ChatRequest) -> None:
 def begin_answer(chat: ChatRequest, resumable: bool = False) -> Answer:
     """Start answering `chat`. A `resumable` answer (one whose client can come back for the rest:
     SSE's `Last-Event-ID`) runs on for `RESUME_GRACE_S` after its last reader left."""
-    svc, settings = service(), service().settings
+    svc = service()
+    settings = svc.settings
     if 0 < settings.max_streams_per_worker <= len(svc.live):
         raise too_many(f"this worker is at its limit of {settings.max_streams_per_worker} streams")
-    model = model_for(chat)
-    check_options(chat)
+    model = model_for(chat, svc.provider)
+    check_options(chat, svc.provider)
     message_id = new_id()
     context = {"request_id": g.request_id, "key_id": g.key_id, "endpoint": request.path}
     try:

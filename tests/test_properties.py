@@ -497,6 +497,13 @@ def test_any_query_string_is_never_a_500(client, query):
         assert_answer_or_4xx(path, client.get(path, query_string=query, buffered=True))
 
 
+def test_a_query_strings_numbers_are_read_and_a_repeated_name_counts_once(client):
+    answer = client.get("/chat", query_string="prompt=hi&prompt=ignored&max_tokens=2", buffered=True)
+    assert answer.status_code == 200 and answer.get_data(as_text=True) == "This is"
+    refused = client.get("/chat", query_string="prompt=hi&max_tokens=2.5")
+    assert refused.status_code == 400 and refused.json["error"]["message"] == "'max_tokens' must be an integer"
+
+
 # -- Last-Event-ID ------------------------------------------------------------------------------
 
 LATIN1 = st.characters(min_codepoint=0x20, max_codepoint=0xFF, exclude_characters="\x7f")
