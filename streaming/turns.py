@@ -51,12 +51,24 @@ log = logging.getLogger(__name__)
 stream_log = logging.getLogger("streaming.streams")
 
 
+class LineHandler(logging.StreamHandler):
+    """Each record's message as one line, written and flushed under one hold of the handler's
+    lock. (`StreamHandler` formats the record, then takes its lock again to flush; under gevent
+    that lock is `threading`'s RLock written in Python: a third of the cost of a line.)"""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            self.stream.write(record.getMessage() + "\n")
+            self.stream.flush()
+        except Exception:
+            self.handleError(record)
+
+
 def log_streams_to_stdout() -> None:
     """One JSON line per stream, to stdout as Heroku expects: the service's own logging, set up by
     `create_app()`. In a host app the lines go wherever its logging sends `streaming.streams`."""
     if not stream_log.handlers:
-        handler = logging.StreamHandler(sys.stdout)
-        handler.setFormatter(logging.Formatter("%(message)s"))
+        handler = LineHandler(sys.stdout)
         stream_log.addHandler(handler)
         stream_log.setLevel(logging.INFO)
         stream_log.propagate = False
