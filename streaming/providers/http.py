@@ -138,10 +138,13 @@ def _chunked(response: httpx2.Response, stream: _Stream, held: bytes) -> Iterato
     timeout = response.request.extensions.get("timeout", {}).get("read")
     sock = stream.get_extra_info("socket")
     if sock is not None and not isinstance(stream.get_extra_info("ssl_object"), ssl.SSLObject):
-        # TCP, or TLS that the socket decrypts itself: read from the socket, its timeout set once
-        # (nothing is written on the connection until the body's end), not through httpcore's
-        # stream, which sets it and enters a context manager on each read.
-        sock.settimeout(timeout)
+        # TCP, or TLS that the socket decrypts itself: read from the socket, not through
+        # httpcore's stream, which sets its timeout and enters a context manager on each read.
+        # With no timeout: under gevent a read that waits with one arms and cancels a timer
+        # each time (nearly every chunk of a paced stream). A silent body is ended by the
+        # engine instead, at its first-token and idle deadlines (or once no reader is left):
+        # it closes the reply, which shuts the socket down and so wakes this read.
+        sock.settimeout(None)
         recv = functools.partial(sock.recv, 65536)
     else:  # TLS in TLS (a proxy's), decrypted by httpcore's stream
         recv = functools.partial(stream.read, 65536, timeout)
