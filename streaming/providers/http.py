@@ -135,7 +135,6 @@ def body_chunks(response: httpx2.Response) -> Iterator[bytes]:
 
 def _chunked(response: httpx2.Response, stream: _Stream, held: bytes) -> Iterator[bytes]:
     """The chunks of a chunked body read off `stream`, where h11 holds `held`, the body's start."""
-    timeout = response.request.extensions.get("timeout", {}).get("read")
     sock = stream.get_extra_info("socket")
     if sock is not None and not isinstance(stream.get_extra_info("ssl_object"), ssl.SSLObject):
         # TCP, or TLS that the socket decrypts itself: read from the socket, not through
@@ -146,8 +145,8 @@ def _chunked(response: httpx2.Response, stream: _Stream, held: bytes) -> Iterato
         # it closes the reply, which shuts the socket down and so wakes this read.
         sock.settimeout(None)
         recv = functools.partial(sock.recv, 65536)
-    else:  # TLS in TLS (a proxy's), decrypted by httpcore's stream
-        recv = functools.partial(stream.read, 65536, timeout)
+    else:  # TLS in TLS (a proxy's), decrypted by httpcore's stream, with the request's read timeout
+        recv = functools.partial(stream.read, 65536, response.request.extensions.get("timeout", {}).get("read"))
     buffer = held  # the bytes not yet decoded, from `start` on in the body
     start = 0  # where `buffer` begins in the body
     rest_of_held = b""  # the body from the end of `held` to the end of the chunk it ends in
