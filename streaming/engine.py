@@ -41,7 +41,7 @@ from .providers.base import (
     Usage,
 )
 from .store import Log
-from .threads import start_thread
+from .threads import run_soon, start_thread
 from .tool_calls import delta_event, message_calls, whole_calls
 from .wire import Framing
 
@@ -106,7 +106,7 @@ class Answer:
         """Start the producer and give it a first turn before the first read (`sleep(0)`: one
         round of the gevent hub; a switch of threads otherwise), so that what the model has
         ready at once goes out with the first write instead of after it."""
-        start_thread(self._produce, f"answer-{self.message_id}")
+        run_soon(self._produce)
         time.sleep(0)
         return self
 
