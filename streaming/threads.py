@@ -31,7 +31,8 @@ def start_thread(target: Callable[[], None], name: str) -> None:
 
 class _Reused:
     """A thread that runs one target after another: it waits among the idle (`_IDLE`) between
-    them, and ends once `MAX_IDLE` others wait already."""
+    them, and ends once `MAX_IDLE` others wait already. (Not `concurrent.futures`' pool: its
+    threads are bounded in number and joined at exit, and a producer may run for a whole stream.)"""
 
     MAX_IDLE = 64
 
@@ -44,14 +45,25 @@ class _Reused:
         while True:
             self.target()
             self.target = None
-            if len(_IDLE) >= self.MAX_IDLE:
-                return
-            _IDLE.append(self)
+            with _IDLE_LOCK:  # (real threads: two that end together must not both take the last place)
+                if len(_IDLE) >= self.MAX_IDLE:
+                    return
+                _IDLE.append(self)
             self.ready.acquire()
 
 
 _IDLE: list[_Reused] = []
-os.register_at_fork(after_in_child=_IDLE.clear)  # (a forked child has none of its parent's threads)
+_IDLE_LOCK = threading.Lock()
+
+
+def _forget_parents_threads() -> None:
+    """In a forked child: none of the parent's threads came along, nor whoever held the lock."""
+    global _IDLE_LOCK
+    _IDLE.clear()
+    _IDLE_LOCK = threading.Lock()
+
+
+os.register_at_fork(after_in_child=_forget_parents_threads)
 
 
 def run_soon(target: Callable[[], None]) -> None:

@@ -26,16 +26,16 @@ def test_a_thread_whose_target_returned_runs_the_next_one():
 
 
 def test_a_target_that_raises_ends_its_thread_and_the_next_target_still_runs(monkeypatch):
-    monkeypatch.setattr(threading, "excepthook", lambda args: None)  # (it would print the traceback)
+    raised: queue.Queue = queue.Queue()
+    monkeypatch.setattr(threading, "excepthook", raised.put)  # (instead of printing the traceback)
     threads._IDLE.clear()
-    failed = threading.Event()
 
     def fails():
-        failed.set()
         raise RuntimeError("boom")
 
     threads.run_soon(fails)
-    assert failed.wait(10)
+    assert raised.get(timeout=10).exc_type is RuntimeError  # it reached the thread's top, as before
+    assert not threads._IDLE  # that thread did not wait for another target
     q: queue.Queue = queue.Queue()
     threads.run_soon(ran_in(q))
     assert q.get(timeout=10)
