@@ -71,7 +71,7 @@ async def hop(session: aiohttp.ClientSession, a: str, b: str, drop: asyncio.Even
         headers = {"Last-Event-ID": f"{hop_.message_id}:{hop_.last_seq}"}
         async with session.get(b + "/chat/sse", headers=headers) as response:
             if response.status != 200:
-                hop_.error = f"HTTP {response.status}"
+                hop_.error = f"HTTP {response.status} {await refusal(response)}".rstrip()
                 return
             buffer, previous = b"", hop_.last_seq
             async for chunk in response.content.iter_any():
@@ -91,6 +91,14 @@ async def hop(session: aiohttp.ClientSession, a: str, b: str, drop: asyncio.Even
         hop_.ended_at = time.perf_counter()
     except (TimeoutError, aiohttp.ClientError, OSError) as exc:
         hop_.error = type(exc).__name__
+
+
+async def refusal(response: aiohttp.ClientResponse) -> str:
+    """The error code of a refusal's JSON body (`store_unavailable`, ...), or "" when it has none."""
+    try:
+        return (await response.json())["error"]["code"]
+    except (ValueError, KeyError, TypeError, aiohttp.ClientError):
+        return ""
 
 
 async def _storm(a: srv.Server, b: srv.Server, streams: int, read_s: float) -> tuple[list[Hop], float, float, float]:

@@ -66,17 +66,20 @@ def replay(message_id: str, framing: Framing, offset: int) -> Response | None:
         if offset > answer.size() or (answer.ended and offset == answer.size()):  # nothing left, or
             return None  # an id this answer has not sent
         return streamed(answer, framing, offset)
-    stored = svc.store.message(message_id, g.key_id)
-    if stored is None or stored["role"] != "assistant":
-        return None
-    if stored["status"] == "streaming":  # produced by another worker or host
+    stored, conversation_id = None, svc.live_log.streaming_conversation(message_id, g.key_id)
+    if conversation_id is None:
+        stored = svc.store.message(message_id, g.key_id)
+        if stored is None or stored["role"] != "assistant":
+            return None
+        conversation_id = stored["conversation_id"]
+    if stored is None or stored["status"] == "streaming":  # produced by another worker or host
         batches = svc.live_log.tail(message_id, g.key_id, offset, svc.settings.heartbeat_s)
         body = encode_batches(batches, framing, offset, client_gone())
-        return streamed_bytes(body, framing, stored["conversation_id"], message_id)
+        return streamed_bytes(body, framing, conversation_id, message_id)
     events = stored["events"][offset:]
     if not events:
         return None
-    headers = {**STREAM_HEADERS, "X-Conversation-Id": stored["conversation_id"], "X-Message-Id": message_id}
+    headers = {**STREAM_HEADERS, "X-Conversation-Id": conversation_id, "X-Message-Id": message_id}
     return Response(framing.encode(events, offset), content_type=framing.media_type, headers=headers)
 
 

@@ -143,6 +143,17 @@ def postgres():
     cluster.remove()
 
 
+@pytest.fixture
+def own_postgres():
+    """A cluster of its own, for a test that stops it."""
+    from bench.databases import PostgresCluster, available
+
+    needs(available(), "PostgreSQL is not installed")
+    cluster = PostgresCluster()
+    yield cluster
+    cluster.remove()
+
+
 @pytest.fixture(scope="session")
 def redis_server():
     """A redis-server for the whole session (bench/databases.py); its keys are per answer, so

@@ -63,6 +63,30 @@ def test_a_reconnect_on_another_host_resumes_the_live_answer(hosts, worker_class
     assert len(a.get(f"/conversations/{conversation_id}").json()["messages"]) == 2
 
 
+def test_a_reconnect_on_another_host_resumes_while_postgres_is_down(tmp_path, own_postgres, redis_server):
+    """The live answer is found in Redis, not in the store: a reconnect burst does not queue on the
+    store's pool, and an outage of the store does not cut a stream that Redis still carries."""
+    env = {"DATABASE_URL": own_postgres.url(own_postgres.create_database()), "REDIS_URL": redis_server.url(),
+           "RESUME_GRACE_S": "30", "DEMO_TOKENS_PER_S": "20", "DEMO_TOKENS": "60", "LEASE_S": "3"}
+    a, b = (start_server(tmp_path, "gevent", env) for _ in range(2))
+    try:
+        first = read_sse(a.url + "/chat/sse", json_body={"prompt": "outage"}, until=lambda got: len(got.text) > 20)
+        own_postgres.stop()
+        rest = read_sse(b.url + "/chat/sse", method="GET", headers={"Last-Event-ID": first.ids[-1]})
+        assert rest.events[0]["type"] == "delta"
+        assert seq(rest.ids[0]) > seq(first.ids[-1])
+        assert rest.events[-1]["type"] == "error" and rest.events[-1]["error"]["code"] == "storage_error"
+        own_postgres.start()
+        wait_for(lambda: b.get("/healthz").status_code == 200, what="the service to recover")
+        conversation_id, message_id = first.events[0]["conversation_id"], first.events[0]["message_id"]
+        saved = wait_for(lambda: (t := turn(b, conversation_id, message_id))["status"] != "streaming" and t,
+                         what="the answer that ended while the store was down to be saved")
+        assert saved["content"] == first.text + rest.text
+    finally:
+        a.stop(quick=True)
+        b.stop(quick=True)
+
+
 def test_a_reconnect_after_the_end_replays_from_the_other_host(hosts):
     a, b = hosts(2, DEMO_TOKENS=20)
     whole = read_sse(a.url + "/chat/sse", json_body={"prompt": "done already"})

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import requests
 
-from .conftest import STORES, Server, needs, start_server, store_url, wait_for
+from .conftest import STORES, Server, start_server, store_url, wait_for
 from .streams import begin_together, read_sse
 
 
@@ -211,17 +211,6 @@ def test_a_slow_query_does_not_stall_the_gevent_workers_other_streams(serve, pos
         assert slow[0].status_code == 200
     finally:
         server.stop()
-
-
-@pytest.fixture
-def own_postgres():
-    """A cluster of its own, for a test that stops it."""
-    from bench.databases import PostgresCluster, available
-
-    needs(available(), "PostgreSQL is not installed")
-    cluster = PostgresCluster()
-    yield cluster
-    cluster.remove()
 
 
 def test_postgres_stopped_mid_run(tmp_path, own_postgres):

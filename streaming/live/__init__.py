@@ -35,6 +35,10 @@ class LiveLog(Protocol):
         reader that saw more than is known gets just that last one); an empty batch is a
         heartbeat."""
 
+    def streaming_conversation(self, message_id: str, owner: str) -> str | None:
+        """The conversation of the owner's answer when this log alone shows it streaming, so that a
+        reconnect to another host needs no read of the store; None: ask the store."""
+
     def request_stop(self, message_id: str) -> None:
         """Ask the producer of the answer, wherever it runs, to stop it."""
 

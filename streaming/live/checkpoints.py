@@ -26,6 +26,9 @@ class StoreLog:
     def tail(self, message_id: str, owner: str, offset: int, heartbeat_s: float) -> Iterator[list[dict]]:
         return checkpointed_events(self.store, message_id, owner, offset, heartbeat_s)
 
+    def streaming_conversation(self, message_id: str, owner: str) -> None:
+        return None  # the store is this log
+
     def request_stop(self, message_id: str) -> None:
         self.store.request_stop(message_id)
 

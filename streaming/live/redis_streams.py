@@ -4,14 +4,18 @@ follows an answer as it is written, and a stop reaches its producer at once.
 - **Publishing.** One thread per process flushes every `FLUSH_S` (20 times a second): for each
   answer it produces that grew, one `XADD` of the new events to `streaming:answer:<message_id>`,
   all answers in one pipelined round trip. An entry holds `seq`, the sequence number of its first
-  event (so that an SSE id means the same on every host), and `events`, a JSON list. An ended
+  event (so that an SSE id means the same on every host), and `events`, a JSON list; the first
+  one also the answer's `owner` and `conversation_id`, so that a reconnect to another host finds
+  a live answer without reading the store (in a reconnect burst, thousands of reads at once of a
+  pool of a few connections). An ended
   answer's stream expires `REDIS_STREAM_TTL_S` after its last event (and any stream
   `MAX_STREAM_S` later than that, should that last EXPIRE be lost). After a failed flush (Redis
   restarted: its streams are gone) every answer is published again from its first event.
 - **Reading.** A reader replays the stream with `XRANGE`, then one thread per process tails every
   stream its readers follow with one `XREAD BLOCK` on one connection, and hands each reader its
-  entries. A reader looks at the store every `LEASE_S / 3` too, for what Redis cannot tell: an
-  answer saved without its stream (Redis lost it) or the turn of a worker that died. Readers
+  entries. A reader looks at the store once its stream has been quiet for `LEASE_S / 3`, for
+  what Redis cannot tell: an answer saved without its stream (Redis lost it) or the turn of a
+  worker that died. Readers
   drop what they have seen already by `seq`, so entries read twice do no harm.
 - **Stopping.** `PUBLISH streaming:stops <message_id>`; each process subscribes and stops the
   answer if it produces it (the store's stop flag stays as a fallback).
@@ -158,7 +162,10 @@ class RedisLog:
                 pipe.delete(key)
                 sent = 0
             if size > sent:
-                pipe.xadd(key, {"seq": sent, "events": encode_log(answer.log(sent, size))})
+                fields = {"seq": sent, "events": encode_log(answer.log(sent, size))}
+                if sent == 0:
+                    fields.update(owner=answer.context["key_id"], conversation_id=answer.conversation_id)
+                pipe.xadd(key, fields)
                 pipe.expire(key, self.live_ttl_s)  # a key that missed its last EXPIRE goes all the same
                 flushed[message_id] = size
             elif ended:  # ended before the previous flush read its size: its last event is in Redis
@@ -183,6 +190,21 @@ class RedisLog:
 
     # -- reading --------------------------------------------------------------------------
 
+    def streaming_conversation(self, message_id: str, owner: str) -> str | None:
+        pipe = self.client.pipeline(transaction=False)
+        pipe.xrange(stream_key(message_id), count=1)
+        pipe.xrevrange(stream_key(message_id), count=1)
+        try:
+            first, last = pipe.execute()
+        except Exception as exc:
+            self.failures.failed("XRANGE", exc)
+            return None
+        if not first or first[0][1].get("owner") != owner:  # not here, or not the owner's: the store tells
+            return None
+        if entry(last[0][1])[1][-1]["type"] in ("done", "error"):  # ended: the store has the rest
+            return None
+        return first[0][1]["conversation_id"]
+
     def tail(self, message_id: str, owner: str, offset: int, heartbeat_s: float) -> Iterator[list[dict]]:
         key, reader = stream_key(message_id), Reader(offset)
         try:
@@ -205,7 +227,7 @@ class RedisLog:
                         if fresh[-1]["type"] in ("done", "error"):
                             return
                 now = time.monotonic()
-                if now - looked >= self.store_every_s:  # what only the store knows
+                if now - looked >= self.store_every_s:  # quiet: what only the store knows
                     looked = now
                     try:
                         row = self.store.message(message_id, owner)
@@ -228,7 +250,7 @@ class RedisLog:
                 if got is FAILED:  # Redis went away: go on from the store's checkpoints
                     yield from checkpointed_events(self.store, message_id, owner, reader.offset, heartbeat_s)
                     return
-                batches = [got]
+                batches, looked = [got], time.monotonic()
                 while not reader.batches.empty():
                     more = reader.batches.get()
                     if more is FAILED:
