@@ -25,6 +25,7 @@ class Settings:
     database_url: str = ""
     database_pool_size: int = 4  # PostgreSQL connections per worker process
     redis_url: str = ""  # live answers, stops and rate limits shared by every host through Redis
+    redis_pool_size: int = 8  # Redis connections per worker process (its pubsub and XREAD take one more each)
     redis_verify_tls: int = 1  # 0: accept a rediss:// server's self-signed certificate (Heroku Redis)
     redis_stream_ttl_s: float = 600.0  # how long an ended answer's Redis Stream is kept for reconnects
     rate_limit_per_min: int = 0  # requests per minute per API key; 0: off

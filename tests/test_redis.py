@@ -87,6 +87,38 @@ def test_a_reconnect_on_another_host_resumes_while_postgres_is_down(tmp_path, ow
         b.stop(quick=True)
 
 
+def test_a_command_waits_for_a_connection_when_every_one_is_in_use(redis_server):
+    """A burst puts more commands in flight at once than a worker's pool has connections: they
+    wait their turn. (redis-py's default pool refused the 101st with MaxConnectionsError, and a
+    resume that it refused fell back to the store, whose pool was as busy: 503.)"""
+    from streaming.config import Settings
+    from streaming.live.redis_streams import connect
+
+    client = connect(Settings(redis_url=redis_server.url(), redis_pool_size=100))
+    pool = client.connection_pool
+    held = [pool.get_connection() for _ in range(100)]
+    answered: list = []
+
+    def ask() -> None:
+        try:
+            answered.append(client.ping())
+        except Exception as exc:
+            answered.append(exc)
+
+    asking = threading.Thread(target=ask)
+    asking.start()
+    # The pool's queue of free connections has a waiter: the command is waiting, not refused.
+    wait_for(lambda: answered or getattr(getattr(pool, "pool", None), "not_empty", None)
+             and pool.pool.not_empty._waiters, what="the command to wait or fail")
+    assert answered == []
+    pool.release(held.pop())
+    asking.join(timeout=10)
+    assert answered == [True]
+    for connection in held:
+        pool.release(connection)
+    client.close()
+
+
 def test_a_reconnect_after_the_end_replays_from_the_other_host(hosts):
     a, b = hosts(2, DEMO_TOKENS=20)
     whole = read_sse(a.url + "/chat/sse", json_body={"prompt": "done already"})
