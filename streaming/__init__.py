@@ -26,6 +26,9 @@ def create_app(settings: Settings | None = None) -> Flask:
     app = Flask(__name__, instance_relative_config=True, static_folder=None)
     if not logging.getLogger().handlers:
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+        # A record finds the source line that made it by walking the stack, for every stream's log
+        # line: no format here shows it (the Logging HOWTO's "Optimization" turns that off so).
+        logging._srcfile = None
         # httpx logs every request's URL at INFO: OPENAI_BASE_URL, with any credentials in it.
         for name in ("httpx", "httpx2"):
             logging.getLogger(name).setLevel(logging.WARNING)

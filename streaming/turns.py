@@ -179,13 +179,13 @@ def begin_answer(chat: ChatRequest, resumable: bool = False) -> Answer:
         raise too_many(f"this worker is at its limit of {settings.max_streams_per_worker} streams")
     model = model_for(chat, svc.provider)
     check_options(chat, svc.provider)
-    message_id = new_id()
-    context = {"request_id": g.request_id, "key_id": g.key_id, "endpoint": request.path}
+    message_id, key_id = new_id(), g.key_id
+    context = {"request_id": g.request_id, "key_id": key_id, "endpoint": request.path}
     try:
         conversation_id, messages = svc.store.begin_turn(
             chat.conversation_id, message_id, chat.prompt, chat.system, model, chat.history,
             # An open service has no keys to count by: only the per-worker limit holds there.
-            owner=g.key_id, max_streams=(settings.max_streams_per_key or None) if g.key_id else None,
+            owner=key_id, max_streams=(settings.max_streams_per_key or None) if key_id else None,
             worker=svc.worker, keep=chat.store, tool_results=chat.tool_results, request=chat.echo,
         )
     except ConversationNotFound:

@@ -22,12 +22,13 @@ from . import WORKER_LOST, ConversationBusy, ConversationNotFound, Log, TooManyS
 LOST_MESSAGE = "the worker producing this answer stopped before the answer was complete"
 
 
-encode_log = json.JSONEncoder(ensure_ascii=False, separators=(",", ":")).encode  # a Log as stored: JSON
+# a Log as stored: JSON (plain values the service built: no cycles to look for)
+encode_log = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"), check_circular=False).encode
 
 
 # `json.dumps(..., ensure_ascii=False, sort_keys=True)` exactly (the stored digests depend on it),
 # without the encoder that it makes anew on every call.
-_encode_step = json.JSONEncoder(ensure_ascii=False, sort_keys=True).encode
+_encode_step = json.JSONEncoder(ensure_ascii=False, sort_keys=True, check_circular=False).encode
 quoted = json.encoder.encode_basestring  # how that encoder writes a string (its C function)
 
 
