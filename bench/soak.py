@@ -189,16 +189,19 @@ async def sampler(server: srv.Server, t0: float, samples: list[dict]) -> None:
     the freeze, each of its full collections walks them all and stalls its event loop while every
     stream waits: 72 ms in the first minute, 298 ms in the eighth, and the soak's TTFB and gaps
     rose with them. After a freeze, a collection walks only what is new since the last one."""
-    while True:
-        gc.collect()
-        gc.freeze()
-        at = time.perf_counter() - t0
-        for pid in server.pids()[1:]:  # the workers, not the master
-            try:
-                samples.append({"at": at, "pid": pid, **worker_sample(pid)})
-            except OSError:  # a worker that just exited
-                pass
-        await asyncio.sleep(SAMPLE_S)
+    try:
+        while True:
+            gc.collect()
+            gc.freeze()
+            at = time.perf_counter() - t0
+            for pid in server.pids()[1:]:  # the workers, not the master
+                try:
+                    samples.append({"at": at, "pid": pid, **worker_sample(pid)})
+                except OSError:  # a worker that just exited
+                    pass
+            await asyncio.sleep(SAMPLE_S)
+    finally:  # (cancelled at the end) what the soak held can be collected again
+        gc.unfreeze()
 
 
 async def check_conversations(url: str, records: list[Record]) -> tuple[int, int, list[str]]:
