@@ -114,7 +114,10 @@ class Service:
 
 
 def service() -> Service:
-    return current_app.extensions["streaming"]
+    """The app's service. (Through the proxy's own object: on Python 3.11 an attribute read
+    through a Werkzeug `LocalProxy` first fails, and formats an AttributeError, before the
+    proxy's `__getattr__` finds it; this is read four times a request.)"""
+    return current_app._get_current_object().extensions["streaming"]
 
 
 def stop_answer(conversation_id: str, owner: str, wait_s: float = 10.0) -> dict:
